@@ -1,0 +1,67 @@
+"""django-agent-ledger: idempotency, approval and audit for AI agent tool calls.
+
+Everything here imports without Django settings; the Django parts live in ``models``,
+``stores.django``, ``admin`` and ``api`` and are imported only when used.
+"""
+
+from .errors import (
+    ApprovalPendingError,
+    EffectDeniedError,
+    EffectFailedError,
+    EffectLedgerError,
+    EffectLedgerValidationError,
+    EffectNotFoundError,
+    EffectStoreError,
+    EffectTimeoutError,
+)
+from .ledger import EffectLedger
+from .stores.base import EffectStore
+from .stores.memory import MemoryStore
+from .types import (
+    Actor,
+    BeginResult,
+    CommitFailed,
+    CommitOutcome,
+    CommitSucceeded,
+    ConcurrencyOptions,
+    Effect,
+    EffectError,
+    EffectLedgerOptions,
+    EffectStatus,
+    ResourceDescriptor,
+    RunOptions,
+    StaleOptions,
+    ToolCall,
+    Transition,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Actor",
+    "ApprovalPendingError",
+    "BeginResult",
+    "CommitFailed",
+    "CommitOutcome",
+    "CommitSucceeded",
+    "ConcurrencyOptions",
+    "Effect",
+    "EffectDeniedError",
+    "EffectError",
+    "EffectFailedError",
+    "EffectLedger",
+    "EffectLedgerError",
+    "EffectLedgerOptions",
+    "EffectLedgerValidationError",
+    "EffectNotFoundError",
+    "EffectStatus",
+    "EffectStore",
+    "EffectStoreError",
+    "EffectTimeoutError",
+    "MemoryStore",
+    "ResourceDescriptor",
+    "RunOptions",
+    "StaleOptions",
+    "ToolCall",
+    "Transition",
+]

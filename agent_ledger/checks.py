@@ -1,0 +1,75 @@
+"""System checks for ``AGENT_LEDGER``: misconfiguration fails at startup, not at the first call.
+
+Ids are ``agent_ledger.E001``...; never reuse one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, register
+
+from .conf import DEFAULTS
+
+
+@register()
+def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    value = getattr(settings, "AGENT_LEDGER", {})
+    if not isinstance(value, dict):
+        return [
+            Error(
+                "AGENT_LEDGER must be a dict.",
+                hint=f"Got {type(value).__name__}. See agent_ledger/conf.py for the keys.",
+                id="agent_ledger.E001",
+            )
+        ]
+    for key in sorted(set(value) - set(DEFAULTS)):
+        errors.append(
+            Error(
+                f"AGENT_LEDGER has an unknown key {key!r}.",
+                hint=f"Known keys: {', '.join(sorted(DEFAULTS))}.",
+                id="agent_ledger.E002",
+            )
+        )
+    database = value.get("DATABASE", DEFAULTS["DATABASE"])
+    if database not in settings.DATABASES:
+        errors.append(
+            Error(
+                f"AGENT_LEDGER['DATABASE'] is {database!r}, which is not in DATABASES.",
+                hint=f"Use one of: {', '.join(sorted(settings.DATABASES))}.",
+                id="agent_ledger.E003",
+            )
+        )
+    size = value.get("MAX_ARGS_SIZE_BYTES", DEFAULTS["MAX_ARGS_SIZE_BYTES"])
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        errors.append(
+            Error(
+                "AGENT_LEDGER['MAX_ARGS_SIZE_BYTES'] must be a positive int.",
+                hint=f"Got {size!r}; the default is {DEFAULTS['MAX_ARGS_SIZE_BYTES']}.",
+                id="agent_ledger.E004",
+            )
+        )
+    secrets = value.get("WEBHOOK_SECRETS", DEFAULTS["WEBHOOK_SECRETS"])
+    if not isinstance(secrets, dict) or not all(
+        isinstance(name, str) and name and isinstance(secret, str) and len(secret) >= 16
+        for name, secret in secrets.items()
+    ):
+        errors.append(
+            Error(
+                "AGENT_LEDGER['WEBHOOK_SECRETS'] must map names to secrets of 16+ characters.",
+                hint='For example {"slack": os.environ["LEDGER_WEBHOOK_SECRET"]}.',
+                id="agent_ledger.E005",
+            )
+        )
+    tolerance = value.get("WEBHOOK_TOLERANCE_SECONDS", DEFAULTS["WEBHOOK_TOLERANCE_SECONDS"])
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance <= 0:
+        errors.append(
+            Error(
+                "AGENT_LEDGER['WEBHOOK_TOLERANCE_SECONDS'] must be a positive number.",
+                hint=f"Got {tolerance!r}; the default is 300 (five minutes).",
+                id="agent_ledger.E006",
+            )
+        )
+    return errors

@@ -1,0 +1,41 @@
+"""The app's settings: one ``AGENT_LEDGER`` dict, read at call time so ``override_settings`` works.
+
+Defaults (every key is optional)::
+
+    AGENT_LEDGER = {
+        "DATABASE": "default",              # alias DjangoStore() uses when none is given
+        "MAX_ARGS_SIZE_BYTES": 1048576,     # canonical-JSON args larger than this are refused
+        "WEBHOOK_SECRETS": {},              # {"name": "shared secret"}; several allow rotation
+        "WEBHOOK_TOLERANCE_SECONDS": 300,   # signed timestamps older/newer than this are refused
+    }
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+
+DEFAULTS: dict[str, Any] = {
+    "DATABASE": "default",
+    "MAX_ARGS_SIZE_BYTES": 1024 * 1024,
+    "WEBHOOK_SECRETS": {},
+    "WEBHOOK_TOLERANCE_SECONDS": 300,
+}
+
+
+class LedgerSettings:
+    """Attribute access to ``settings.AGENT_LEDGER`` merged over ``DEFAULTS``."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in DEFAULTS:
+            raise AttributeError(f"AGENT_LEDGER has no setting {name!r}")
+        return user_settings().get(name, DEFAULTS[name])
+
+
+def user_settings() -> dict[str, Any]:
+    value = getattr(settings, "AGENT_LEDGER", {})
+    return value if isinstance(value, dict) else {}
+
+
+ledger_settings = LedgerSettings()

@@ -1,0 +1,84 @@
+"""One exception hierarchy: catching ``EffectLedgerError`` catches all the ledger raises."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .types import EffectError, EffectStatus
+
+
+class EffectLedgerError(Exception):
+    """Root of every error the ledger raises on purpose."""
+
+
+class EffectLedgerValidationError(EffectLedgerError, ValueError):
+    """Bad input at a public entry point; nothing was written.
+
+    ``field`` names the offending input (``"args.items[2]"``, ``"wait_timeout_ms"``) so callers
+    and API layers can point at it without parsing the message.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}" if field else message)
+
+
+class EffectNotFoundError(EffectLedgerError, LookupError):
+    """No effect has that idempotency key or id."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"no effect with key {key!r}")
+
+
+class EffectDeniedError(EffectLedgerError):
+    """The effect was denied by a human or canceled; the tool never ran (or must not run again)."""
+
+    def __init__(
+        self, idem_key: str, reason: str | None = None, *, status: EffectStatus | None = None
+    ) -> None:
+        self.idem_key = idem_key
+        self.reason = reason
+        self.status = status
+        what = status.value if status is not None else "denied"
+        super().__init__(f"effect {idem_key} was {what}" + (f": {reason}" if reason else ""))
+
+
+class EffectFailedError(EffectLedgerError):
+    """A replay of an effect whose tool call failed: the stored error, not a second attempt."""
+
+    def __init__(self, idem_key: str, error: EffectError) -> None:
+        self.idem_key = idem_key
+        self.error = error
+        self.code = error.code
+        super().__init__(f"effect {idem_key} failed: {error.message}")
+
+
+class EffectTimeoutError(EffectLedgerError, TimeoutError):
+    """Another caller holds the effect and did not finish within ``wait_timeout_ms``."""
+
+    def __init__(self, idem_key: str, timeout_ms: float) -> None:
+        self.idem_key = idem_key
+        self.timeout_ms = timeout_ms
+        super().__init__(f"effect {idem_key} did not finish within {timeout_ms:g} ms")
+
+
+class ApprovalPendingError(EffectLedgerError):
+    """Nobody decided in time; the effect keeps waiting and a later run picks the decision up."""
+
+    def __init__(self, idem_key: str, timeout_ms: float) -> None:
+        self.idem_key = idem_key
+        self.timeout_ms = timeout_ms
+        super().__init__(
+            f"effect {idem_key} is still awaiting approval after {timeout_ms:g} ms; "
+            "approve or deny it, then run the same call again"
+        )
+
+
+class EffectStoreError(EffectLedgerError):
+    """The store (database) failed; the driver's exception is chained as ``__cause__``."""
+
+    def __init__(self, message: str, *, operation: str | None = None) -> None:
+        self.operation = operation
+        super().__init__(f"{operation}: {message}" if operation else message)

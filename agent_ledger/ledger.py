@@ -1,0 +1,427 @@
+"""``EffectLedger``: the status flow, waiting, fencing and handler execution, on any store.
+
+The ledger holds the rules; the store holds the rows (``stores.base``). A call's life:
+``begin`` asks the store to insert-or-count the key; the one caller that inserted (or later
+claims a ready or stale effect) runs the handler and commits with its fence; everybody else
+waits, woken by the store or by backoff, until the effect is terminal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import json
+import random
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Awaitable
+from datetime import datetime, timezone
+from typing import Any
+
+from . import keys
+from .errors import (
+    ApprovalPendingError,
+    EffectDeniedError,
+    EffectFailedError,
+    EffectLedgerError,
+    EffectLedgerValidationError,
+    EffectTimeoutError,
+)
+from .stores.base import NewEffect
+from .types import (
+    SYSTEM,
+    Actor,
+    BeginResult,
+    CommitFailed,
+    CommitOutcome,
+    CommitSucceeded,
+    ConcurrencyOptions,
+    Effect,
+    EffectError,
+    EffectLedgerOptions,
+    EffectStatus,
+    Handler,
+    RunOptions,
+    StaleOptions,
+    ToolCall,
+    Transition,
+)
+
+#: How many handed-out fences a ledger remembers for ``commit(effect_id, ...)`` without ``fence=``.
+_FENCE_MEMORY = 10_000
+MAX_REASON_LENGTH = 2_000
+
+
+class EffectLedger:
+    def __init__(self, options: EffectLedgerOptions) -> None:
+        if not isinstance(options, EffectLedgerOptions):
+            raise EffectLedgerValidationError(
+                f"must be EffectLedgerOptions, got {type(options).__name__}", field="options"
+            )
+        self.store = options.store
+        self._options = options
+        # Fences this ledger handed out, so the spec's ``commit(effect_id, outcome)`` is fenced
+        # too: an owner that stalled past a takeover is refused without passing anything extra.
+        self._fences: OrderedDict[str, int] = OrderedDict()
+
+    # -- keys ----------------------------------------------------------------------------------
+
+    def idem_key(self, call: ToolCall) -> str:
+        return self._prepare(call).idem_key
+
+    # -- the spec's API ------------------------------------------------------------------------
+
+    async def run(
+        self, call: ToolCall, handler: Handler, run_options: RunOptions | None = None
+    ) -> Any:
+        """Run ``handler`` at most once per idempotency key and return its (stored) result."""
+        if not callable(handler):
+            raise EffectLedgerValidationError("must be callable", field="handler")
+        options = self._run_options(run_options)
+        initial = (
+            EffectStatus.REQUIRES_APPROVAL if options.requires_approval else EffectStatus.PROCESSING
+        )
+        record = await self.store.begin(self._prepare(call, initial))
+        effect = record.effect
+        if record.created and effect.status is EffectStatus.PROCESSING:
+            return await self._execute(effect, handler, options)
+        return await self._settle(effect, handler, options)
+
+    async def begin(self, call: ToolCall) -> BeginResult:
+        """Start an effect by hand; ``claimed`` says whether you must now run the tool and commit.
+
+        A ready (approved) effect is claimed here, so the manual flow can run approved calls too.
+        """
+        record = await self.store.begin(self._prepare(call, EffectStatus.PROCESSING))
+        effect = record.effect
+        if record.created:
+            self._remember(effect)
+            return BeginResult(effect, cached=False, idempotency_status="fresh", claimed=True)
+        if effect.status is EffectStatus.READY:
+            claimed = await self.store.claim(effect.id, stale_after_ms=0, actor=SYSTEM)
+            if claimed is not None:
+                self._remember(claimed)
+                return BeginResult(
+                    claimed, cached=False, idempotency_status="replayed", claimed=True
+                )
+            effect = await self.store.get(effect.id) or effect
+        return BeginResult(
+            effect,
+            cached=effect.is_terminal,
+            cached_result=effect.result if effect.status is EffectStatus.SUCCEEDED else None,
+            idempotency_status="replayed",
+        )
+
+    async def commit(
+        self,
+        effect_id: str,
+        outcome: CommitOutcome,
+        *,
+        fence: int | None = None,
+        actor: Actor | str | None = None,
+    ) -> bool:
+        """Finish a processing effect; False (and nothing changed) when it is not yours to finish.
+
+        Without ``fence`` the fence this ledger handed out for the effect is used, so an owner
+        that lost its effect to a stale takeover cannot overwrite the new owner's outcome.
+        """
+        _require_id(effect_id, "effect_id")
+        if not isinstance(outcome, (CommitSucceeded, CommitFailed)):
+            raise EffectLedgerValidationError(
+                f"must be CommitSucceeded or CommitFailed, got {type(outcome).__name__}",
+                field="outcome",
+            )
+        if fence is not None and (isinstance(fence, bool) or not isinstance(fence, int)):
+            raise EffectLedgerValidationError("must be an int", field="fence")
+        if fence is None:
+            fence = self._fences.get(effect_id)
+        who = Actor.coerce(actor)
+        if isinstance(outcome, CommitSucceeded):
+            try:
+                outcome = CommitSucceeded(result=_json_copy(outcome.result, "result"))
+            except EffectLedgerValidationError as exc:
+                # Never leave the effect stuck in processing because of a bad result.
+                await self.store.commit(
+                    effect_id, CommitFailed(_not_json_error(exc)), fence=fence, actor=who
+                )
+                self._fences.pop(effect_id, None)
+                raise
+        committed = await self.store.commit(effect_id, outcome, fence=fence, actor=who)
+        if committed is not None:
+            self._fences.pop(effect_id, None)
+        return committed is not None
+
+    async def get_effect(self, effect_id: str) -> Effect | None:
+        _require_id(effect_id, "effect_id")
+        return await self.store.get(effect_id)
+
+    async def find_by_idem_key(self, idem_key: str) -> Effect | None:
+        _require_id(idem_key, "idem_key")
+        return await self.store.get_by_idem_key(idem_key)
+
+    async def history(self, effect_id: str) -> list[Transition]:
+        _require_id(effect_id, "effect_id")
+        return await self.store.history(effect_id)
+
+    async def request_approval(
+        self, idem_key: str, *, actor: Actor | str | None = None, reason: str | None = None
+    ) -> bool:
+        """``processing -> requires_approval``: park a begun effect until a human decides."""
+        return await self._decide("request_approval", idem_key, actor, reason)
+
+    async def approve(
+        self, idem_key: str, *, actor: Actor | str | None = None, reason: str | None = None
+    ) -> bool:
+        """``requires_approval -> ready``; the waiting (or next) run of that key runs the tool."""
+        return await self._decide("approve", idem_key, actor, reason)
+
+    async def deny(
+        self, idem_key: str, reason: str | None = None, *, actor: Actor | str | None = None
+    ) -> bool:
+        """``requires_approval -> denied``; every run of that key raises ``EffectDeniedError``."""
+        return await self._decide("deny", idem_key, actor, reason)
+
+    async def cancel(
+        self, idem_key: str, reason: str | None = None, *, actor: Actor | str | None = None
+    ) -> bool:
+        """Stop an effect that has not finished; a handler still running cannot commit after it."""
+        return await self._decide("cancel", idem_key, actor, reason)
+
+    async def _decide(
+        self, name: str, idem_key: str, actor: Actor | str | None, reason: str | None
+    ) -> bool:
+        request = decision_request(name, idem_key, actor=actor, reason=reason)
+        record = await self.store.transition(idem_key, **request)
+        return record.changed
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _prepare(self, call: ToolCall, status: EffectStatus = EffectStatus.PROCESSING) -> NewEffect:
+        if not isinstance(call, ToolCall):
+            raise EffectLedgerValidationError(
+                f"must be a ToolCall, got {type(call).__name__}", field="call"
+            )
+        args_canonical = keys.canonical_json(call.args, "args")
+        size = len(args_canonical.encode())
+        limit = self._options.max_args_size_bytes
+        if size > limit:
+            raise EffectLedgerValidationError(
+                f"canonical JSON is {size} bytes, over max_args_size_bytes ({limit})", field="args"
+            )
+        resource = keys.resource_canonical(call.resource) if call.resource is not None else None
+        return NewEffect(
+            id=str(uuid.uuid4()),
+            idem_key=keys.idem_key(call, args_canonical),
+            workflow_id=call.workflow_id,
+            call_id=call.call_id or str(uuid.uuid4()),
+            tool=call.tool,
+            status=status,
+            args_canonical=args_canonical,
+            resource_id_canonical=resource,
+            actor=SYSTEM,
+        )
+
+    def _run_options(self, given: RunOptions | None) -> _Resolved:
+        if given is not None and not isinstance(given, RunOptions):
+            raise EffectLedgerValidationError(
+                f"must be RunOptions, got {type(given).__name__}", field="run_options"
+            )
+        defaults = self._options.defaults or RunOptions()
+        given = given or RunOptions()
+        return _Resolved(
+            requires_approval=given.requires_approval or defaults.requires_approval,
+            concurrency=given.concurrency or defaults.concurrency or ConcurrencyOptions(),
+            stale=given.stale or defaults.stale or StaleOptions(),
+        )
+
+    def _remember(self, effect: Effect) -> None:
+        self._fences[effect.id] = effect.fence
+        while len(self._fences) > _FENCE_MEMORY:
+            self._fences.popitem(last=False)
+
+    async def _execute(self, effect: Effect, handler: Handler, options: _Resolved) -> Any:
+        """Run the handler as the effect's owner (``effect.fence``) and commit the outcome."""
+        try:
+            value = await _call(handler, effect)
+        except Exception as exc:
+            error = EffectError(message=str(exc) or type(exc).__name__, code=_code_of(exc))
+            await self.store.commit(
+                effect.id, CommitFailed(error), fence=effect.fence, actor=SYSTEM
+            )
+            raise
+        try:
+            result = _json_copy(value, "result")
+        except EffectLedgerValidationError as exc:
+            error = _not_json_error(exc)
+            committed = await self.store.commit(
+                effect.id, CommitFailed(error), fence=effect.fence, actor=SYSTEM
+            )
+            if committed is None:
+                return await self._settle(effect, None, options)
+            raise EffectFailedError(effect.idem_key, error) from exc
+        committed = await self.store.commit(
+            effect.id, CommitSucceeded(result), fence=effect.fence, actor=SYSTEM
+        )
+        if committed is None:
+            # We lost the effect (stale takeover or cancel) while the handler ran: report the
+            # outcome the ledger holds, so every caller of the key sees the same answer.
+            current = await self.store.get(effect.id)
+            return await self._settle(current or effect, None, options)
+        return committed.result
+
+    async def _settle(self, effect: Effect, handler: Handler | None, options: _Resolved) -> Any:
+        """Wait (woken by the store, or with backoff and jitter) until the effect is terminal,
+        claiming it if it becomes ready or stale, then return or raise its outcome."""
+        concurrency = options.concurrency
+        deadline = time.monotonic() + concurrency.wait_timeout_ms / 1000
+        interval = concurrency.initial_interval_ms / 1000
+        while True:
+            status = effect.status
+            if status is EffectStatus.SUCCEEDED:
+                return effect.result
+            if status is EffectStatus.FAILED:
+                raise EffectFailedError(
+                    effect.idem_key, effect.error or EffectError("failed", code=None)
+                )
+            if status in (EffectStatus.DENIED, EffectStatus.CANCELED):
+                reason = effect.error.message if effect.error else None
+                raise EffectDeniedError(effect.idem_key, reason, status=status)
+            if handler is not None and (
+                status is EffectStatus.READY or _looks_stale(effect, options.stale.after_ms)
+            ):
+                claimed = await self.store.claim(
+                    effect.id, stale_after_ms=options.stale.after_ms, actor=SYSTEM
+                )
+                if claimed is not None:
+                    return await self._execute(claimed, handler, options)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if status is EffectStatus.REQUIRES_APPROVAL:
+                    raise ApprovalPendingError(effect.idem_key, concurrency.wait_timeout_ms)
+                raise EffectTimeoutError(effect.idem_key, concurrency.wait_timeout_ms)
+            jitter = 1 + concurrency.jitter_factor * (2 * random.random() - 1)
+            await self.store.wait_for_change(effect.id, min(remaining, interval * jitter))
+            interval = min(
+                interval * concurrency.backoff_multiplier, concurrency.max_interval_ms / 1000
+            )
+            current = await self.store.get(effect.id)
+            if current is None:
+                raise EffectLedgerError(f"effect {effect.id} disappeared while waiting")
+            effect = current
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """A human (or operator) decision: which statuses it applies to and where it leads."""
+
+    from_statuses: frozenset[EffectStatus]
+    to_status: EffectStatus
+    #: Stored as the effect's error (with the reason as message) when the decision ends it.
+    error_code: str | None = None
+
+
+DECISIONS: dict[str, Decision] = {
+    "request_approval": Decision(
+        frozenset({EffectStatus.PROCESSING}), EffectStatus.REQUIRES_APPROVAL
+    ),
+    "approve": Decision(frozenset({EffectStatus.REQUIRES_APPROVAL}), EffectStatus.READY),
+    "deny": Decision(frozenset({EffectStatus.REQUIRES_APPROVAL}), EffectStatus.DENIED, "denied"),
+    "cancel": Decision(
+        frozenset({EffectStatus.PROCESSING, EffectStatus.REQUIRES_APPROVAL, EffectStatus.READY}),
+        EffectStatus.CANCELED,
+        "canceled",
+    ),
+}
+
+
+def decision_request(
+    name: str, idem_key: str, *, actor: Actor | str | None, reason: str | None
+) -> dict[str, Any]:
+    """Validate a decision's inputs and return the keyword arguments for ``store.transition``.
+
+    Shared by the async ledger and the sync service (admin, API) so both enforce the same rules.
+    """
+    decision = DECISIONS[name]
+    _require_id(idem_key, "idem_key")
+    if reason is not None:
+        if not isinstance(reason, str):
+            raise EffectLedgerValidationError(
+                f"must be a string, got {type(reason).__name__}", field="reason"
+            )
+        if len(reason) > MAX_REASON_LENGTH:
+            raise EffectLedgerValidationError(
+                f"must be at most {MAX_REASON_LENGTH} characters", field="reason"
+            )
+    error = None
+    if decision.error_code is not None:
+        error = EffectError(message=reason or decision.error_code, code=decision.error_code)
+    return {
+        "from_statuses": decision.from_statuses,
+        "to_status": decision.to_status,
+        "actor": Actor.coerce(actor),
+        "reason": reason,
+        "error": error,
+    }
+
+
+class _Resolved:
+    """Run options with the ledger's defaults filled in."""
+
+    __slots__ = ("concurrency", "requires_approval", "stale")
+
+    def __init__(
+        self, *, requires_approval: bool, concurrency: ConcurrencyOptions, stale: StaleOptions
+    ) -> None:
+        self.requires_approval = requires_approval
+        self.concurrency = concurrency
+        self.stale = stale
+
+
+async def _call(handler: Handler, effect: Effect) -> Any:
+    """Await async handlers; run sync ones in a worker thread so they cannot block the loop."""
+    if inspect.iscoroutinefunction(handler):
+        return await handler(effect)
+    value = await asyncio.to_thread(handler, effect)
+    if inspect.isawaitable(value):
+        return await _await(value)
+    return value
+
+
+async def _await(value: Awaitable[Any]) -> Any:
+    return await value
+
+
+def _json_copy(value: Any, field: str) -> Any:
+    """A plain-JSON copy, so a fresh run returns exactly what a replay will."""
+    keys.check_json(value, field)
+    return json.loads(json.dumps(value))
+
+
+def _not_json_error(exc: EffectLedgerValidationError) -> EffectError:
+    return EffectError(
+        message=f"handler result is not JSON-serialisable: {exc}", code="result_not_json"
+    )
+
+
+def _code_of(exc: Exception) -> str:
+    code = getattr(exc, "code", None)
+    return code if isinstance(code, str) and code else type(exc).__name__
+
+
+def _looks_stale(effect: Effect, after_ms: float) -> bool:
+    """A cheap local guess before asking the store, which decides by its own clock."""
+    if effect.status is not EffectStatus.PROCESSING or after_ms <= 0:
+        return False
+    idle = datetime.now(timezone.utc) - effect.updated_at
+    return idle.total_seconds() * 1000 >= after_ms
+
+
+def _require_id(value: object, field: str) -> None:
+    if not isinstance(value, str):
+        raise EffectLedgerValidationError(
+            f"must be a string, got {type(value).__name__}", field=field
+        )
+    if not value.strip():
+        raise EffectLedgerValidationError("must not be empty", field=field)

@@ -1,0 +1,132 @@
+"""The ledger's tables: one row per effect, and an append-only row per status change.
+
+``stores.postgres.SCHEMA_SQL`` creates these same tables for workers outside Django; a test
+keeps the two in step, so change both together (and add a migration).
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+from django.db.models.functions import Now
+from django.utils.translation import gettext_lazy as _
+
+from .types import ACTIVE_STATUSES, MAX_NAME_LENGTH, TERMINAL_STATUSES
+from .types import EffectStatus as CoreStatus
+
+
+class EffectStatus(models.TextChoices):
+    PROCESSING = CoreStatus.PROCESSING.value, _("processing")
+    SUCCEEDED = CoreStatus.SUCCEEDED.value, _("succeeded")
+    FAILED = CoreStatus.FAILED.value, _("failed")
+    REQUIRES_APPROVAL = CoreStatus.REQUIRES_APPROVAL.value, _("requires approval")
+    READY = CoreStatus.READY.value, _("ready")
+    DENIED = CoreStatus.DENIED.value, _("denied")
+    CANCELED = CoreStatus.CANCELED.value, _("canceled")
+
+
+_ACTIVE = sorted(s.value for s in ACTIVE_STATUSES)
+_TERMINAL = sorted(s.value for s in TERMINAL_STATUSES)
+
+
+class EffectQuerySet(models.QuerySet["Effect"]):
+    """The audit vocabulary; each filter is served by an index on ``Effect``."""
+
+
+class Effect(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    idem_key = models.CharField(_("idempotency key"), max_length=64)
+    workflow_id = models.CharField(max_length=MAX_NAME_LENGTH)
+    call_id = models.CharField(max_length=MAX_NAME_LENGTH)
+    tool = models.CharField(max_length=MAX_NAME_LENGTH)
+    status = models.CharField(max_length=32, choices=EffectStatus.choices)
+    args_canonical = models.TextField(_("arguments (canonical JSON)"))
+    resource_id_canonical = models.TextField(null=True, blank=True)
+    result = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+    dedup_count = models.IntegerField(_("replays"), default=0, db_default=0)
+    #: Rises on every claim; a commit must carry the current value (fencing token).
+    fence = models.IntegerField(default=1, db_default=1)
+    created_at = models.DateTimeField(db_default=Now())
+    updated_at = models.DateTimeField(db_default=Now())
+    completed_at = models.DateTimeField(null=True, blank=True)
+
+    objects = EffectQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("effect")
+        verbose_name_plural = _("effects")
+        ordering = ["-created_at"]
+        permissions = [("approve_effect", _("Can approve or deny effects"))]
+        indexes = [
+            models.Index(fields=["-created_at"], name="agent_ledger_created"),
+            models.Index(fields=["workflow_id", "-created_at"], name="agent_ledger_workflow"),
+            models.Index(fields=["tool", "-created_at"], name="agent_ledger_tool"),
+            models.Index(fields=["status", "-created_at"], name="agent_ledger_status"),
+            # The hot queries (pending approval, stale processing) only look at live rows.
+            models.Index(
+                fields=["status", "updated_at"],
+                name="agent_ledger_active",
+                condition=models.Q(status__in=_ACTIVE),
+            ),
+        ]
+        constraints = [
+            # A constraint, not unique=True: no extra LIKE index, and it is what ON CONFLICT uses.
+            models.UniqueConstraint(fields=["idem_key"], name="agent_ledger_effect_idem_key_uniq"),
+            models.CheckConstraint(
+                condition=models.Q(status__in=[s.value for s in CoreStatus]),
+                name="agent_ledger_effect_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(dedup_count__gte=0), name="agent_ledger_effect_dedup_gte_0"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(fence__gte=1), name="agent_ledger_effect_fence_gte_1"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tool} [{self.status}] {self.workflow_id}"
+
+
+class EffectTransition(models.Model):
+    """One status change, written in the same transaction as the change itself."""
+
+    id = models.BigAutoField(primary_key=True)
+    # Indexed by agent_ledger_trans_effect (effect, at), so no index of its own.
+    effect = models.ForeignKey(
+        Effect, on_delete=models.CASCADE, related_name="transitions", db_index=False
+    )
+    from_status = models.CharField(
+        max_length=32, choices=EffectStatus.choices, null=True, blank=True
+    )
+    to_status = models.CharField(max_length=32, choices=EffectStatus.choices)
+    at = models.DateTimeField(db_default=Now())
+    #: Through what the change came: "admin", "api", "webhook:<secret>", "cli", "system".
+    actor_label = models.CharField(max_length=100)
+    # No database constraint: PostgresStore workers write this table without auth_user, and a
+    # deleted user must not delete or block the audit trail (actor_name keeps the name).
+    actor_user = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        db_constraint=False,
+        related_name="+",
+    )
+    actor_name = models.CharField(max_length=150, blank=True, default="", db_default="")
+    reason = models.TextField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = _("transition")
+        verbose_name_plural = _("transitions")
+        ordering = ["at", "id"]
+        indexes = [
+            models.Index(fields=["effect", "at"], name="agent_ledger_trans_effect"),
+            models.Index(fields=["-at"], name="agent_ledger_trans_at"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.from_status or '-'} -> {self.to_status} by {self.actor_label}"

@@ -1,0 +1,119 @@
+"""The store protocol: what a store must do, and do atomically, for the ledger to be correct.
+
+The ledger (``agent_ledger.ledger``) owns the rules of the status flow, waiting and fencing; a
+store owns persistence. Every method below is one atomic step: either all of it happens
+(the status change *and* its history row) or none of it does. Stores raise
+``EffectStoreError`` (with the driver's exception chained) when their backend fails, and never
+decide a call is fresh by reading first and inserting after: the unique idempotency key decides.
+
+Adding a store: implement this protocol, then add a fixture to ``tests/contract`` so the whole
+contract suite runs against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import Collection
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from ..types import Actor, CommitOutcome, Effect, EffectError, EffectStatus, Transition
+
+
+@dataclasses.dataclass(frozen=True)
+class NewEffect:
+    """What the ledger asks a store to insert when a key is seen for the first time."""
+
+    id: str
+    idem_key: str
+    workflow_id: str
+    call_id: str
+    tool: str
+    status: EffectStatus
+    args_canonical: str
+    resource_id_canonical: str | None
+    actor: Actor
+
+
+@dataclasses.dataclass(frozen=True)
+class BeginRecord:
+    effect: Effect
+    #: True when this call inserted the row; False when the key existed (a replay).
+    created: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TransitionRecord:
+    effect: Effect
+    #: False when the effect was not in one of the ``from_statuses`` (nothing was written).
+    changed: bool
+
+
+@runtime_checkable
+class EffectStore(Protocol):
+    async def begin(self, new: NewEffect) -> BeginRecord:
+        """Insert ``new`` (fence 1, dedup_count 0, a history row ``None -> new.status``) unless
+        its ``idem_key`` exists; if it exists, add 1 to that row's ``dedup_count`` and return it."""
+        ...
+
+    async def get(self, effect_id: str) -> Effect | None: ...
+
+    async def get_by_idem_key(self, idem_key: str) -> Effect | None: ...
+
+    async def commit(
+        self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
+    ) -> Effect | None:
+        """``processing -> succeeded|failed`` if the effect is processing and, when ``fence`` is
+        given, its fence still equals it. Sets ``completed_at``. Returns the committed effect, or
+        None when refused (nothing written)."""
+        ...
+
+    async def transition(
+        self,
+        idem_key: str,
+        *,
+        from_statuses: Collection[EffectStatus],
+        to_status: EffectStatus,
+        actor: Actor,
+        reason: str | None = None,
+        error: EffectError | None = None,
+    ) -> TransitionRecord:
+        """Move an effect found by key from one of ``from_statuses`` to ``to_status`` (storing
+        ``error`` and ``completed_at`` when the target is terminal). Lock, check, change, history
+        row, in one transaction. Raises ``EffectNotFoundError`` for an unknown key."""
+        ...
+
+    async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
+        """Take ownership: ``ready -> processing``, or, when ``stale_after_ms > 0``, a processing
+        effect whose ``updated_at`` is older than that (by the store's clock) is taken over.
+        Either way the fence rises by one and ``updated_at`` is now. Returns the claimed effect,
+        or None when another caller was first or the effect is not claimable."""
+        ...
+
+    async def history(self, effect_id: str) -> list[Transition]:
+        """The effect's transitions, oldest first."""
+        ...
+
+    async def wait_for_change(self, effect_id: str, timeout_s: float) -> None:
+        """Return once the effect may have changed, or after ``timeout_s``.
+
+        Sleeping is always correct (see ``PollingMixin``); stores that can hear commits
+        (LISTEN/NOTIFY, in-process events) return early so waiters learn of results at once.
+        """
+        ...
+
+
+class PollingMixin:
+    """``wait_for_change`` for stores that cannot be told of changes: just sleep."""
+
+    async def wait_for_change(self, effect_id: str, timeout_s: float) -> None:
+        await asyncio.sleep(timeout_s)
+
+
+def claimable(effect: Effect, *, stale_after_ms: float, now: datetime) -> bool:
+    """The claim rule every store applies, kept in one place so stores cannot drift apart."""
+    if effect.status is EffectStatus.READY:
+        return True
+    idle_ms = (now - effect.updated_at).total_seconds() * 1000
+    return effect.status is EffectStatus.PROCESSING and 0 < stale_after_ms <= idle_ms

@@ -1,0 +1,188 @@
+"""An in-process store for development and tests: one lock, copies in and out, wake-ups.
+
+Safe under asyncio concurrency and across threads: every operation takes ``_lock`` for its
+whole read-check-write, and waiters on any event loop are woken with ``call_soon_threadsafe``.
+Nothing survives the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+from collections.abc import Collection
+from datetime import datetime, timezone
+
+from ..errors import EffectNotFoundError
+from ..types import (
+    TERMINAL_STATUSES,
+    Actor,
+    CommitOutcome,
+    CommitSucceeded,
+    Effect,
+    EffectError,
+    EffectStatus,
+    Transition,
+)
+from .base import BeginRecord, NewEffect, TransitionRecord, claimable
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_id: dict[str, Effect] = {}
+        self._id_by_key: dict[str, str] = {}
+        self._history: dict[str, list[Transition]] = {}
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+
+    # -- writes; each holds the lock for its whole read-check-write ---------------------------
+
+    async def begin(self, new: NewEffect) -> BeginRecord:
+        with self._lock:
+            existing_id = self._id_by_key.get(new.idem_key)
+            if existing_id is not None:
+                effect = self._by_id[existing_id]
+                effect = dataclasses.replace(effect, dedup_count=effect.dedup_count + 1)
+                self._by_id[effect.id] = effect
+                return BeginRecord(effect, created=False)
+            now = _now()
+            effect = Effect(
+                id=new.id,
+                idem_key=new.idem_key,
+                workflow_id=new.workflow_id,
+                call_id=new.call_id,
+                tool=new.tool,
+                status=new.status,
+                args_canonical=new.args_canonical,
+                resource_id_canonical=new.resource_id_canonical,
+                dedup_count=0,
+                created_at=now,
+                updated_at=now,
+            )
+            self._by_id[effect.id] = effect
+            self._id_by_key[effect.idem_key] = effect.id
+            self._history[effect.id] = []
+            self._record(effect, None, new.actor, None)
+            return BeginRecord(effect, created=True)
+
+    async def commit(
+        self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
+    ) -> Effect | None:
+        with self._lock:
+            effect = self._by_id.get(effect_id)
+            if effect is None or effect.status is not EffectStatus.PROCESSING:
+                return None
+            if fence is not None and effect.fence != fence:
+                return None
+            now = _now()
+            if isinstance(outcome, CommitSucceeded):
+                changes = {"status": EffectStatus.SUCCEEDED, "result": outcome.result}
+            else:
+                changes = {"status": EffectStatus.FAILED, "error": outcome.error}
+            updated = dataclasses.replace(effect, updated_at=now, completed_at=now, **changes)
+            self._by_id[effect_id] = updated
+            self._record(updated, effect.status, actor, None)
+        self._wake(effect_id)
+        return updated
+
+    async def transition(
+        self,
+        idem_key: str,
+        *,
+        from_statuses: Collection[EffectStatus],
+        to_status: EffectStatus,
+        actor: Actor,
+        reason: str | None = None,
+        error: EffectError | None = None,
+    ) -> TransitionRecord:
+        with self._lock:
+            effect_id = self._id_by_key.get(idem_key)
+            if effect_id is None:
+                raise EffectNotFoundError(idem_key)
+            effect = self._by_id[effect_id]
+            if effect.status not in from_statuses:
+                return TransitionRecord(effect, changed=False)
+            now = _now()
+            terminal = to_status in TERMINAL_STATUSES
+            updated = dataclasses.replace(
+                effect,
+                status=to_status,
+                updated_at=now,
+                error=error if error is not None else effect.error,
+                completed_at=now if terminal else None,
+            )
+            self._by_id[effect_id] = updated
+            self._record(updated, effect.status, actor, reason)
+        self._wake(effect_id)
+        return TransitionRecord(updated, changed=True)
+
+    async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
+        with self._lock:
+            effect = self._by_id.get(effect_id)
+            now = _now()
+            if effect is None or not claimable(effect, stale_after_ms=stale_after_ms, now=now):
+                return None
+            reason = "stale takeover" if effect.status is EffectStatus.PROCESSING else None
+            claimed = dataclasses.replace(
+                effect, status=EffectStatus.PROCESSING, fence=effect.fence + 1, updated_at=now
+            )
+            self._by_id[effect_id] = claimed
+            self._record(claimed, effect.status, actor, reason)
+        self._wake(effect_id)
+        return claimed
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get(self, effect_id: str) -> Effect | None:
+        with self._lock:
+            return self._by_id.get(effect_id)
+
+    async def get_by_idem_key(self, idem_key: str) -> Effect | None:
+        with self._lock:
+            effect_id = self._id_by_key.get(idem_key)
+            return None if effect_id is None else self._by_id[effect_id]
+
+    async def history(self, effect_id: str) -> list[Transition]:
+        with self._lock:
+            return list(self._history.get(effect_id, ()))
+
+    async def wait_for_change(self, effect_id: str, timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._waiters.setdefault(effect_id, []).append((loop, future))
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                waiters = self._waiters.get(effect_id, [])
+                if (loop, future) in waiters:
+                    waiters.remove((loop, future))
+                if not waiters:
+                    self._waiters.pop(effect_id, None)
+
+    # -- helpers (call with the lock held, except _wake) -------------------------------------
+
+    def _record(
+        self, effect: Effect, from_status: EffectStatus | None, actor: Actor, reason: str | None
+    ) -> None:
+        self._history[effect.id].append(
+            Transition(effect.id, from_status, effect.status, effect.updated_at, actor, reason)
+        )
+
+    def _wake(self, effect_id: str) -> None:
+        with self._lock:
+            waiters = self._waiters.pop(effect_id, [])
+        for loop, future in waiters:
+            loop.call_soon_threadsafe(_resolve, future)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

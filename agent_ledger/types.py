@@ -1,0 +1,368 @@
+"""The spec's value types and options, validated where they are built.
+
+Plain dataclasses (no Django, no pydantic) so ``import agent_ledger`` works anywhere. Every
+option class refuses unknown fields and bad values with ``EffectLedgerValidationError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
+
+from .errors import EffectLedgerValidationError
+
+if TYPE_CHECKING:
+    from .stores.base import EffectStore
+
+JsonValue = Any
+IdempotencyStatus = Literal["fresh", "replayed"]
+
+#: Longest workflow id, tool name and call id; the database columns have the same width.
+MAX_NAME_LENGTH = 255
+DEFAULT_MAX_ARGS_SIZE_BYTES = 1024 * 1024
+
+_T = TypeVar("_T")
+
+
+class EffectStatus(str, enum.Enum):
+    PROCESSING = "processing"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REQUIRES_APPROVAL = "requires_approval"
+    READY = "ready"
+    DENIED = "denied"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL_STATUSES = frozenset(
+    {EffectStatus.SUCCEEDED, EffectStatus.FAILED, EffectStatus.DENIED, EffectStatus.CANCELED}
+)
+ACTIVE_STATUSES = frozenset(EffectStatus) - TERMINAL_STATUSES
+
+
+def _strict(cls: type[_T]) -> type[_T]:
+    """Turn a dataclass's TypeError for an unknown keyword into a validation error naming it."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise EffectLedgerValidationError(
+                f"unknown field for {cls.__name__}; known fields: {', '.join(sorted(names))}",
+                field=unknown[0],
+            )
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
+def _require_str(value: object, field: str, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise EffectLedgerValidationError(
+            f"must be a string, got {type(value).__name__}", field=field
+        )
+    if not value.strip():
+        raise EffectLedgerValidationError("must not be empty", field=field)
+    if len(value) > MAX_NAME_LENGTH:
+        raise EffectLedgerValidationError(
+            f"must be at most {MAX_NAME_LENGTH} characters, got {len(value)}", field=field
+        )
+
+
+def _require_number(
+    value: object,
+    field: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    exclusive_minimum: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise EffectLedgerValidationError(
+            f"must be a number, got {type(value).__name__}", field=field
+        )
+    if not math.isfinite(value):
+        raise EffectLedgerValidationError(f"must be finite, got {value}", field=field)
+    if minimum is not None and (value <= minimum if exclusive_minimum else value < minimum):
+        relation = ">" if exclusive_minimum else ">="
+        raise EffectLedgerValidationError(
+            f"must be {relation} {minimum:g}, got {value}", field=field
+        )
+    if maximum is not None and value > maximum:
+        raise EffectLedgerValidationError(f"must be <= {maximum:g}, got {value}", field=field)
+
+
+def _require_instance(value: object, kind: type, field: str) -> None:
+    if value is not None and not isinstance(value, kind):
+        raise EffectLedgerValidationError(
+            f"must be a {kind.__name__}, got {type(value).__name__}", field=field
+        )
+
+
+@_strict
+@dataclasses.dataclass(frozen=True)
+class ResourceDescriptor:
+    """Names the thing a call acts on, so retries with reworded args still share one key."""
+
+    namespace: str
+    type: str
+    id: Mapping[str, Any]
+
+    def __post_init__(self) -> None:
+        _require_str(self.namespace, "resource.namespace")
+        _require_str(self.type, "resource.type")
+        if not isinstance(self.id, Mapping) or not self.id:
+            raise EffectLedgerValidationError("must be a non-empty dict", field="resource.id")
+
+
+@_strict
+@dataclasses.dataclass(frozen=True)
+class ToolCall:
+    workflow_id: str
+    tool: str
+    args: Mapping[str, Any]
+    resource: ResourceDescriptor | None = None
+    call_id: str | None = None
+    idempotency_keys: Sequence[str] | None = None
+
+    def __post_init__(self) -> None:
+        _require_str(self.workflow_id, "workflow_id")
+        _require_str(self.tool, "tool")
+        _require_str(self.call_id, "call_id", optional=True)
+        if not isinstance(self.args, Mapping):
+            raise EffectLedgerValidationError(
+                f"must be a dict, got {type(self.args).__name__}", field="args"
+            )
+        _require_instance(self.resource, ResourceDescriptor, "resource")
+        keys = self.idempotency_keys
+        if keys is not None:
+            if isinstance(keys, str) or not isinstance(keys, Sequence) or not keys:
+                raise EffectLedgerValidationError(
+                    "must be a non-empty list of argument names", field="idempotency_keys"
+                )
+            for name in keys:
+                if not isinstance(name, str) or not name:
+                    raise EffectLedgerValidationError(
+                        f"names must be non-empty strings, got {name!r}", field="idempotency_keys"
+                    )
+                if name not in self.args:
+                    raise EffectLedgerValidationError(
+                        f"names {name!r}, which is not in args", field="idempotency_keys"
+                    )
+            if len(set(keys)) != len(keys):
+                raise EffectLedgerValidationError("names repeat", field="idempotency_keys")
+
+
+@_strict
+@dataclasses.dataclass(frozen=True)
+class ConcurrencyOptions:
+    """How long and how often a caller waits for another caller's outcome or a human's decision."""
+
+    wait_timeout_ms: float = 30_000
+    initial_interval_ms: float = 50
+    max_interval_ms: float = 1_000
+    backoff_multiplier: float = 1.5
+    jitter_factor: float = 0.3
+
+    def __post_init__(self) -> None:
+        _require_number(self.wait_timeout_ms, "wait_timeout_ms", minimum=0)
+        _require_number(
+            self.initial_interval_ms, "initial_interval_ms", minimum=0, exclusive_minimum=True
+        )
+        _require_number(self.max_interval_ms, "max_interval_ms", minimum=0, exclusive_minimum=True)
+        _require_number(self.backoff_multiplier, "backoff_multiplier", minimum=1)
+        _require_number(self.jitter_factor, "jitter_factor", minimum=0, maximum=1)
+        if self.initial_interval_ms > self.max_interval_ms:
+            raise EffectLedgerValidationError(
+                f"must be <= max_interval_ms ({self.max_interval_ms}), "
+                f"got {self.initial_interval_ms}",
+                field="initial_interval_ms",
+            )
+
+
+@_strict
+@dataclasses.dataclass(frozen=True)
+class StaleOptions:
+    """An effect left processing longer than ``after_ms`` may be taken over; 0 disables."""
+
+    after_ms: float = 60_000
+
+    def __post_init__(self) -> None:
+        _require_number(self.after_ms, "after_ms", minimum=0)
+
+
+@_strict
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    requires_approval: bool = False
+    concurrency: ConcurrencyOptions | None = None
+    stale: StaleOptions | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.requires_approval, bool):
+            raise EffectLedgerValidationError(
+                f"must be a bool, got {type(self.requires_approval).__name__}",
+                field="requires_approval",
+            )
+        _require_instance(self.concurrency, ConcurrencyOptions, "concurrency")
+        _require_instance(self.stale, StaleOptions, "stale")
+
+
+@_strict
+@dataclasses.dataclass(frozen=True)
+class EffectLedgerOptions:
+    store: EffectStore
+    max_args_size_bytes: int = DEFAULT_MAX_ARGS_SIZE_BYTES
+    #: Defaults for every ``run``; a call's own ``RunOptions`` fields win where they are set.
+    defaults: RunOptions | None = None
+
+    def __post_init__(self) -> None:
+        from .stores.base import EffectStore
+
+        if not isinstance(self.store, EffectStore):
+            raise EffectLedgerValidationError(
+                f"must implement the EffectStore protocol, got {type(self.store).__name__}",
+                field="store",
+            )
+        if isinstance(self.max_args_size_bytes, bool) or not isinstance(
+            self.max_args_size_bytes, int
+        ):
+            raise EffectLedgerValidationError("must be an int", field="max_args_size_bytes")
+        _require_number(self.max_args_size_bytes, "max_args_size_bytes", minimum=1)
+        _require_instance(self.defaults, RunOptions, "defaults")
+
+
+@dataclasses.dataclass(frozen=True)
+class EffectError:
+    message: str
+    code: str | None = None
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"message": self.message, "code": self.code}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | None) -> EffectError | None:
+        if data is None:
+            return None
+        return cls(message=str(data.get("message", "")), code=data.get("code"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Actor:
+    """Who caused a transition; kept on every history row.
+
+    ``label`` says through what ("admin", "api", "webhook:<secret name>", "cli", "system");
+    ``user_id`` and ``name`` say who, when a person is known.
+    """
+
+    label: str
+    user_id: int | str | None = None
+    name: str = ""
+
+    @classmethod
+    def coerce(cls, value: Actor | str | None, default: str = "system") -> Actor:
+        if value is None:
+            return cls(default)
+        if isinstance(value, str):
+            _require_str(value, "actor")
+            return cls(value)
+        if isinstance(value, Actor):
+            return value
+        raise EffectLedgerValidationError(
+            f"must be an Actor or a str, got {type(value).__name__}", field="actor"
+        )
+
+
+SYSTEM = Actor("system")
+
+
+@dataclasses.dataclass(frozen=True)
+class Effect:
+    """One tool call's record. ``fence`` rises on every claim so a stale owner's commit fails."""
+
+    id: str
+    idem_key: str
+    workflow_id: str
+    call_id: str
+    tool: str
+    status: EffectStatus
+    args_canonical: str
+    resource_id_canonical: str | None
+    dedup_count: int
+    created_at: datetime
+    updated_at: datetime
+    result: JsonValue = None
+    error: EffectError | None = None
+    completed_at: datetime | None = None
+    fence: int = 1
+
+    @property
+    def args(self) -> Any:
+        return json.loads(self.args_canonical)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+@dataclasses.dataclass(frozen=True)
+class Transition:
+    """One row of an effect's append-only history."""
+
+    effect_id: str
+    from_status: EffectStatus | None
+    to_status: EffectStatus
+    at: datetime
+    actor: Actor
+    reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitSucceeded:
+    result: JsonValue = None
+    status: Literal["succeeded"] = dataclasses.field(default="succeeded", init=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitFailed:
+    error: EffectError
+    status: Literal["failed"] = dataclasses.field(default="failed", init=False)
+
+    def __post_init__(self) -> None:
+        _require_instance(self.error, EffectError, "error")
+        if self.error is None:
+            raise EffectLedgerValidationError("is required", field="error")
+
+
+CommitOutcome = CommitSucceeded | CommitFailed
+
+
+@dataclasses.dataclass(frozen=True)
+class BeginResult:
+    effect: Effect
+    cached: bool
+    cached_result: JsonValue = None
+    idempotency_status: IdempotencyStatus = "fresh"
+    #: True when this caller now owns the effect and must run the tool and commit.
+    claimed: bool = False
+
+
+Handler = Callable[[Effect], Any]
