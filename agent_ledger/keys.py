@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 #: amounts could share a key, so they are refused instead.
 MAX_SAFE_INTEGER = 2**53 - 1
 
-_escape = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_escape = json.encoder.encode_basestring
 
 
 def check_json(value: Any, field: str) -> None:

@@ -83,11 +83,13 @@ class EffectLedger:
         initial = (
             EffectStatus.REQUIRES_APPROVAL if options.requires_approval else EffectStatus.PROCESSING
         )
-        record = await self.store.begin(self._prepare(call, initial))
+        new = self._prepare(call, initial)
+        since = time.monotonic()
+        record = await self.store.begin(new)
         effect = record.effect
         if record.created and effect.status is EffectStatus.PROCESSING:
             return await self._execute(effect, handler, options)
-        return await self._settle(effect, handler, options)
+        return await self._settle(effect, handler, options, since)
 
     async def begin(self, call: ToolCall) -> BeginResult:
         """Start an effect by hand; ``claimed`` says whether you must now run the tool and commit.
@@ -259,7 +261,9 @@ class EffectLedger:
                 effect.id, CommitFailed(error), fence=effect.fence, actor=SYSTEM
             )
             if committed is None:
-                return await self._settle(effect, None, options)
+                since = time.monotonic()
+                current = await self.store.get(effect.id)
+                return await self._settle(current or effect, None, options, since)
             raise EffectFailedError(effect.idem_key, error) from exc
         committed = await self.store.commit(
             effect.id, CommitSucceeded(result), fence=effect.fence, actor=SYSTEM
@@ -267,11 +271,14 @@ class EffectLedger:
         if committed is None:
             # We lost the effect (stale takeover or cancel) while the handler ran: report the
             # outcome the ledger holds, so every caller of the key sees the same answer.
+            since = time.monotonic()
             current = await self.store.get(effect.id)
-            return await self._settle(current or effect, None, options)
+            return await self._settle(current or effect, None, options, since)
         return committed.result
 
-    async def _settle(self, effect: Effect, handler: Handler | None, options: _Resolved) -> Any:
+    async def _settle(
+        self, effect: Effect, handler: Handler | None, options: _Resolved, since: float
+    ) -> Any:
         """Wait (woken by the store, or with backoff and jitter) until the effect is terminal,
         claiming it if it becomes ready or stale, then return or raise its outcome."""
         concurrency = options.concurrency
@@ -302,10 +309,11 @@ class EffectLedger:
                     raise ApprovalPendingError(effect.idem_key, concurrency.wait_timeout_ms)
                 raise EffectTimeoutError(effect.idem_key, concurrency.wait_timeout_ms)
             jitter = 1 + concurrency.jitter_factor * (2 * random.random() - 1)
-            await self.store.wait_for_change(effect.id, min(remaining, interval * jitter))
+            await self.store.wait_for_change(effect.id, min(remaining, interval * jitter), since)
             interval = min(
                 interval * concurrency.backoff_multiplier, concurrency.max_interval_ms / 1000
             )
+            since = time.monotonic()
             current = await self.store.get(effect.id)
             if current is None:
                 raise EffectLedgerError(f"effect {effect.id} disappeared while waiting")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
+import time
 from collections.abc import Collection
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -95,11 +97,13 @@ class EffectStore(Protocol):
         """The effect's transitions, oldest first."""
         ...
 
-    async def wait_for_change(self, effect_id: str, timeout_s: float) -> None:
-        """Return once the effect may have changed, or after ``timeout_s``.
+    async def wait_for_change(self, effect_id: str, timeout_s: float, since: float) -> None:
+        """Return once the effect may have changed after ``since`` (a ``time.monotonic()``
+        taken before the caller last read it), or after ``timeout_s``.
 
         Sleeping is always correct (see ``PollingMixin``); stores that can hear commits
-        (LISTEN/NOTIFY, in-process events) return early so waiters learn of results at once.
+        (LISTEN/NOTIFY, in-process events; see ``ChangeNotifier``) return early so waiters
+        learn of results at once.
         """
         ...
 
@@ -107,8 +111,60 @@ class EffectStore(Protocol):
 class PollingMixin:
     """``wait_for_change`` for stores that cannot be told of changes: just sleep."""
 
-    async def wait_for_change(self, effect_id: str, timeout_s: float) -> None:
+    async def wait_for_change(self, effect_id: str, timeout_s: float, since: float) -> None:
         await asyncio.sleep(timeout_s)
+
+
+class ChangeNotifier:
+    """Wakes waiters of an effect when a change is heard, from any thread or event loop.
+
+    It remembers when each effect last changed, so a waiter that read the effect just before a
+    change but registers just after it returns at once instead of sleeping a whole interval.
+    """
+
+    _REMEMBER_S = 30.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+        self._changed: dict[str, float] = {}
+
+    def notify(self, effect_id: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._changed[effect_id] = now
+            if len(self._changed) > 10_000:
+                cutoff = now - self._REMEMBER_S
+                self._changed = {k: t for k, t in self._changed.items() if t >= cutoff}
+            waiters = self._waiters.pop(effect_id, [])
+        for loop, future in waiters:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_resolve, future)
+
+    async def wait(self, effect_id: str, timeout_s: float, since: float) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        entry = (loop, future)
+        with self._lock:
+            if self._changed.get(effect_id, float("-inf")) >= since:
+                return
+            self._waiters.setdefault(effect_id, []).append(entry)
+        try:
+            await asyncio.wait_for(future, timeout_s)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                waiters = self._waiters.get(effect_id)
+                if waiters is not None and entry in waiters:
+                    waiters.remove(entry)
+                    if not waiters:
+                        del self._waiters[effect_id]
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def claimable(effect: Effect, *, stale_after_ms: float, now: datetime) -> bool:

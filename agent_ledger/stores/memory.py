@@ -1,13 +1,12 @@
-"""An in-process store for development and tests: one lock, copies in and out, wake-ups.
+"""An in-process store for development and tests: one lock and immediate wake-ups.
 
 Safe under asyncio concurrency and across threads: every operation takes ``_lock`` for its
-whole read-check-write, and waiters on any event loop are woken with ``call_soon_threadsafe``.
+whole read-check-write, and waiters on any event loop are woken through ``ChangeNotifier``.
 Nothing survives the process.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import threading
 from collections.abc import Collection
@@ -24,7 +23,7 @@ from ..types import (
     EffectStatus,
     Transition,
 )
-from .base import BeginRecord, NewEffect, TransitionRecord, claimable
+from .base import BeginRecord, ChangeNotifier, NewEffect, TransitionRecord, claimable
 
 
 def _now() -> datetime:
@@ -37,7 +36,7 @@ class MemoryStore:
         self._by_id: dict[str, Effect] = {}
         self._id_by_key: dict[str, str] = {}
         self._history: dict[str, list[Transition]] = {}
-        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+        self._notifier = ChangeNotifier()
 
     # -- writes; each holds the lock for its whole read-check-write ---------------------------
 
@@ -150,22 +149,8 @@ class MemoryStore:
         with self._lock:
             return list(self._history.get(effect_id, ()))
 
-    async def wait_for_change(self, effect_id: str, timeout_s: float) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        with self._lock:
-            self._waiters.setdefault(effect_id, []).append((loop, future))
-        try:
-            await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except asyncio.TimeoutError:
-            pass
-        finally:
-            with self._lock:
-                waiters = self._waiters.get(effect_id, [])
-                if (loop, future) in waiters:
-                    waiters.remove((loop, future))
-                if not waiters:
-                    self._waiters.pop(effect_id, None)
+    async def wait_for_change(self, effect_id: str, timeout_s: float, since: float) -> None:
+        await self._notifier.wait(effect_id, timeout_s, since)
 
     # -- helpers (call with the lock held, except _wake) -------------------------------------
 
@@ -177,12 +162,4 @@ class MemoryStore:
         )
 
     def _wake(self, effect_id: str) -> None:
-        with self._lock:
-            waiters = self._waiters.pop(effect_id, [])
-        for loop, future in waiters:
-            loop.call_soon_threadsafe(_resolve, future)
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
+        self._notifier.notify(effect_id)
