@@ -1,14 +1,15 @@
 """System checks for ``AGENT_LEDGER``: misconfiguration fails at startup, not at the first call.
 
-Ids are ``agent_ledger.E001``...; never reuse one.
+Ids are ``agent_ledger.E001``... (errors) and ``agent_ledger.W001``... (warnings); never reuse one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import CheckMessage, Error, register
+from django.core.checks import CheckMessage, Error, Warning, register
 
 from .conf import DEFAULTS
 
@@ -72,4 +73,53 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="agent_ledger.E006",
             )
         )
+    threads = value.get("ASYNC_THREADS", DEFAULTS["ASYNC_THREADS"])
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        errors.append(
+            Error(
+                "AGENT_LEDGER['ASYNC_THREADS'] must be a positive int.",
+                hint=f"Got {threads!r}; the default is {DEFAULTS['ASYNC_THREADS']}. It also caps "
+                "the connections async ledger calls open.",
+                id="agent_ledger.E007",
+            )
+        )
+    if not settings.USE_TZ:
+        errors.append(
+            Error(
+                "agent_ledger needs USE_TZ = True.",
+                hint="Effects are timed by the database clock and compared with aware datetimes; "
+                "naive ones would break stale detection.",
+                id="agent_ledger.E008",
+            )
+        )
+    if database in settings.DATABASES:
+        errors.extend(_check_sqlite(database, settings.DATABASES[database]))
     return errors
+
+
+def _check_sqlite(alias: str, config: Mapping[str, Any]) -> list[CheckMessage]:
+    """SQLite works, but only as a file and with writers that queue instead of failing."""
+    if not str(config.get("ENGINE", "")).endswith("sqlite3"):
+        return []
+    warnings: list[CheckMessage] = []
+    name = str(config.get("NAME", ""))
+    if name in ("", ":memory:") or "mode=memory" in name:
+        warnings.append(
+            Warning(
+                f"DATABASES[{alias!r}] is an in-memory SQLite database.",
+                hint="Async ledger calls run on worker threads, each with its own connection and "
+                "so its own empty in-memory database. Use a file.",
+                id="agent_ledger.W001",
+            )
+        )
+    if str(config.get("OPTIONS", {}).get("transaction_mode", "")).upper() != "IMMEDIATE":
+        warnings.append(
+            Warning(
+                f"DATABASES[{alias!r}] is SQLite without OPTIONS['transaction_mode'] = "
+                "'IMMEDIATE'.",
+                hint="Concurrent ledger writes then fail with 'database is locked' instead of "
+                'waiting. Set "OPTIONS": {"transaction_mode": "IMMEDIATE", "timeout": 20}.',
+                id="agent_ledger.W002",
+            )
+        )
+    return warnings

@@ -7,6 +7,9 @@ Defaults (every key is optional)::
         "MAX_ARGS_SIZE_BYTES": 1048576,     # canonical-JSON args larger than this are refused
         "WEBHOOK_SECRETS": {},              # {"name": "shared secret"}; several allow rotation
         "WEBHOOK_TOLERANCE_SECONDS": 300,   # signed timestamps older/newer than this are refused
+        "ASYNC_THREADS": 16,                # threads (so at most this many connections) that
+                                            # DjangoStore's async methods run their queries on;
+                                            # read once, when the first async call is made
     }
 """
 
@@ -21,6 +24,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_ARGS_SIZE_BYTES": 1024 * 1024,
     "WEBHOOK_SECRETS": {},
     "WEBHOOK_TOLERANCE_SECONDS": 300,
+    "ASYNC_THREADS": 16,
 }
 
 

@@ -21,12 +21,18 @@ if TYPE_CHECKING:
 #: RFC 8785 numbers are IEEE-754 doubles: larger integers would lose digits and two different
 #: amounts could share a key, so they are refused instead.
 MAX_SAFE_INTEGER = 2**53 - 1
+#: Deeper nesting (or a cycle) is refused instead of hitting Python's recursion limit.
+MAX_DEPTH = 100
 
 _escape = json.encoder.encode_basestring
 
 
-def check_json(value: Any, field: str) -> None:
+def check_json(value: Any, field: str, depth: int = 0) -> None:
     """Raise a validation error naming the path of the first value that is not plain JSON."""
+    if depth > MAX_DEPTH:
+        raise EffectLedgerValidationError(
+            f"nested deeper than {MAX_DEPTH} levels (or contains itself)", field=field
+        )
     if value is None or value is True or value is False or isinstance(value, str):
         if isinstance(value, str):
             _check_str(value, field)
@@ -49,11 +55,11 @@ def check_json(value: Any, field: str) -> None:
                     f"object keys must be strings, got {type(key).__name__} {key!r}", field=field
                 )
             _check_str(key, field)
-            check_json(item, f"{field}.{key}")
+            check_json(item, f"{field}.{key}", depth + 1)
         return
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            check_json(item, f"{field}[{index}]")
+            check_json(item, f"{field}[{index}]", depth + 1)
         return
     raise EffectLedgerValidationError(
         f"{type(value).__name__} is not JSON (use str, int, float, bool, None, list or dict)",
@@ -114,7 +120,9 @@ def _number(value: float) -> str:
     """ECMAScript Number.prototype.toString, which RFC 8785 adopts for every number."""
     if value == 0:
         return "0"
-    if value.is_integer() and abs(value) < 1e21:
+    # Below 2**53 every integer is exact and is its own shortest spelling; above it, str(int())
+    # would print digits the double does not hold (2**68 -> "...825856", not "...830000").
+    if value.is_integer() and abs(value) <= MAX_SAFE_INTEGER:
         return str(int(value))
     sign = "-" if value < 0 else ""
     # repr() gives the shortest digits that round-trip, which is what ECMAScript uses too.

@@ -404,7 +404,8 @@ async def _await(value: Awaitable[Any]) -> Any:
 def _json_copy(value: Any, field: str) -> Any:
     """A plain-JSON copy, so a fresh run returns exactly what a replay will."""
     keys.check_json(value, field)
-    return json.loads(json.dumps(value))
+    # check_json accepts any Mapping; json.dumps only knows dict, so convert the others.
+    return json.loads(json.dumps(value, default=dict))
 
 
 def _not_json_error(exc: EffectLedgerValidationError) -> EffectError:

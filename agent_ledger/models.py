@@ -7,9 +7,11 @@ keeps the two in step, so change both together (and add a migration).
 from __future__ import annotations
 
 import uuid
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import models
+from django.db.models import ExpressionWrapper, Value
 from django.db.models.functions import Now
 from django.utils.translation import gettext_lazy as _
 
@@ -33,6 +35,50 @@ _TERMINAL = sorted(s.value for s in TERMINAL_STATUSES)
 
 class EffectQuerySet(models.QuerySet["Effect"]):
     """The audit vocabulary; each filter is served by an index on ``Effect``."""
+
+    def pending_approval(self) -> EffectQuerySet:
+        """Waiting for a human (``agent_ledger_active``)."""
+        return self.filter(status=EffectStatus.REQUIRES_APPROVAL)
+
+    def for_workflow(self, workflow_id: str) -> EffectQuerySet:
+        """One workflow's calls (``agent_ledger_workflow``)."""
+        return self.filter(workflow_id=workflow_id)
+
+    def terminal(self) -> EffectQuerySet:
+        """Finished for good: succeeded, failed, denied or canceled."""
+        return self.filter(status__in=_TERMINAL)
+
+    def active(self) -> EffectQuerySet:
+        """Not finished yet (``agent_ledger_active``, a partial index on exactly these)."""
+        return self.filter(status__in=_ACTIVE)
+
+    def stale(self, older_than: timedelta) -> EffectQuerySet:
+        """Processing with no sign of life for ``older_than``, by the database clock (like
+        ``DjangoStore.claim``), so app servers with drifting clocks agree on the answer."""
+        cutoff = ExpressionWrapper(
+            Now() - Value(older_than, output_field=models.DurationField()),
+            output_field=models.DateTimeField(),
+        )
+        return self.filter(status=EffectStatus.PROCESSING, updated_at__lte=cutoff)
+
+    def by_tool(self, tool: str) -> EffectQuerySet:
+        """One tool's calls (``agent_ledger_tool``)."""
+        return self.filter(tool=tool)
+
+    def in_period(self, start: datetime | None, end: datetime | None) -> EffectQuerySet:
+        """Created in ``[start, end)``; either bound may be None (``agent_ledger_created``)."""
+        qs = self
+        if start is not None:
+            qs = qs.filter(created_at__gte=start)
+        if end is not None:
+            qs = qs.filter(created_at__lt=end)
+        return qs
+
+    def with_history(self) -> EffectQuerySet:
+        """Prefetch each effect's transitions, oldest first, in one extra query."""
+        return self.prefetch_related(
+            models.Prefetch("transitions", queryset=EffectTransition.objects.order_by("at", "id"))
+        )
 
 
 class Effect(models.Model):

@@ -1,6 +1,7 @@
-"""Test settings. ``DATABASE_URL`` picks the database (SQLite in memory by default)."""
+"""Test settings. ``DATABASE_URL`` picks the database (a temporary SQLite file by default)."""
 
 import os
+import tempfile
 
 import dj_database_url
 
@@ -15,7 +16,21 @@ DATABASES = {
     "default": dj_database_url.parse(os.environ.get("DATABASE_URL", "sqlite://:memory:")),
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
-    DATABASES["default"]["TEST"] = {"NAME": os.environ.get("SQLITE_TEST_NAME", "")}
+    # A file, not memory: DjangoStore's async methods query from worker threads, each with its
+    # own connection, and they must all see the test's rows. IMMEDIATE transactions take the
+    # write lock up front, so concurrent writers wait (up to timeout) instead of failing with
+    # "database is locked" when a read lock cannot be upgraded.
+    DATABASES["default"]["TEST"] = {
+        "NAME": os.environ.get("SQLITE_TEST_NAME")
+        or os.path.join(tempfile.gettempdir(), f"agent_ledger_test_{os.getpid()}.sqlite3")
+    }
+    DATABASES["default"]["OPTIONS"] = {"timeout": 20, "transaction_mode": "IMMEDIATE"}
+    if DATABASES["default"]["NAME"] in ("", ":memory:"):
+        # Never opened (tests use TEST NAME); a file name keeps agent_ledger.W001 quiet.
+        DATABASES["default"]["NAME"] = DATABASES["default"]["TEST"]["NAME"]
+else:
+    # One test database per run, so runs side by side on one server do not drop each other's.
+    DATABASES["default"]["TEST"] = {"NAME": f"test_agent_ledger_{os.getpid()}"}
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -50,4 +65,6 @@ TEMPLATES = [
 ]
 STATIC_URL = "/static/"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-AGENT_LEDGER = {"WEBHOOK_SECRETS": {"primary": "test-secret-0123456789", "old": "old-secret-0123456789"}}
+AGENT_LEDGER = {
+    "WEBHOOK_SECRETS": {"primary": "test-secret-0123456789", "old": "old-secret-0123456789"}
+}

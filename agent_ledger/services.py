@@ -1,0 +1,69 @@
+"""The thin sync service that admin views, DRF views and management commands call.
+
+Sync on purpose: these callers run inside a request (maybe under ``ATOMIC_REQUESTS``) or a
+command, and must stay on that thread's connection and transaction, which ``async_to_sync``
+would leave. The rules (which statuses a decision applies to, reason length) come from
+``ledger.decision_request``, the same function the async ledger uses.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from django.core.signals import setting_changed
+from django.dispatch import receiver
+
+from .conf import ledger_settings
+from .ledger import EffectLedger, decision_request
+from .stores.base import TransitionRecord
+from .stores.django import DjangoStore
+from .types import Actor, EffectLedgerOptions
+
+__all__ = ["approve", "cancel", "deny", "get_ledger"]
+
+_ledger: EffectLedger | None = None
+_ledger_lock = threading.Lock()
+
+
+def get_ledger() -> EffectLedger:
+    """The process-wide ledger on ``DjangoStore``, built on first use (after settings load)."""
+    global _ledger
+    if _ledger is None:
+        with _ledger_lock:
+            if _ledger is None:
+                _ledger = EffectLedger(
+                    EffectLedgerOptions(
+                        store=DjangoStore(),
+                        max_args_size_bytes=ledger_settings.MAX_ARGS_SIZE_BYTES,
+                    )
+                )
+    return _ledger
+
+
+@receiver(setting_changed)
+def _forget_ledger(*, setting: str, **kwargs: Any) -> None:
+    """Rebuild on next use after ``override_settings(AGENT_LEDGER=...)`` (it was built from it)."""
+    global _ledger
+    if setting == "AGENT_LEDGER":
+        _ledger = None
+
+
+def approve(idem_key: str, *, actor: Actor, reason: str | None = None) -> TransitionRecord:
+    """``requires_approval -> ready``; ``changed`` is False when it was already decided."""
+    return _decide("approve", idem_key, actor, reason)
+
+
+def deny(idem_key: str, *, actor: Actor, reason: str | None = None) -> TransitionRecord:
+    """``requires_approval -> denied``; ``changed`` is False when it was already decided."""
+    return _decide("deny", idem_key, actor, reason)
+
+
+def cancel(idem_key: str, *, actor: Actor, reason: str | None = None) -> TransitionRecord:
+    """Stop an unfinished effect; ``changed`` is False when it had already finished."""
+    return _decide("cancel", idem_key, actor, reason)
+
+
+def _decide(name: str, idem_key: str, actor: Actor, reason: str | None) -> TransitionRecord:
+    request = decision_request(name, idem_key, actor=actor, reason=reason)
+    return DjangoStore().transition_sync(idem_key, **request)

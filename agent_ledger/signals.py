@@ -1,0 +1,39 @@
+"""Signals for the moments people act on: a human is needed, a human decided, a tool finished.
+
+Every signal is sent with ``sender=agent_ledger.models.Effect`` (the model class) and two
+keyword arguments: ``effect`` (an ``agent_ledger.types.Effect``, the state after the change)
+and ``actor`` (the ``agent_ledger.types.Actor`` who caused it). ``DjangoStore`` sends them with
+``transaction.on_commit``: only once the change is committed, never for a rolled-back one, and
+a receiver that raises is logged rather than undoing or failing the change.
+
+    from django.dispatch import receiver
+    from agent_ledger.signals import approval_requested
+
+    @receiver(approval_requested)
+    def ask_on_slack(sender, effect, actor, **kwargs):
+        ...
+"""
+
+from django.dispatch import Signal
+
+__all__ = [
+    "approval_requested",
+    "effect_approved",
+    "effect_canceled",
+    "effect_denied",
+    "effect_failed",
+    "effect_succeeded",
+]
+
+#: An effect entered ``requires_approval`` (on ``begin`` or ``request_approval``).
+approval_requested = Signal()
+#: ``requires_approval -> ready``: the waiting (or next) run of the key will run the tool.
+effect_approved = Signal()
+#: ``requires_approval -> denied``.
+effect_denied = Signal()
+#: An unfinished effect was canceled.
+effect_canceled = Signal()
+#: The tool ran and its result was stored.
+effect_succeeded = Signal()
+#: The tool ran and raised (or returned something that is not JSON); the error was stored.
+effect_failed = Signal()

@@ -1,0 +1,605 @@
+"""``DjangoStore``: the store protocol on the Django ORM, for any database Django supports.
+
+Every protocol method ``x`` has a sync twin ``x_sync`` with the same arguments that holds the
+real ORM code. The sync twins are what the sync service (admin, DRF, management commands) calls,
+on the request's own connection and transaction. The async methods run the twin with
+``sync_to_async(thread_sensitive=False)`` on the store's own thread pool, so concurrent
+coroutines use different threads and therefore different connections; a single thread would
+serialise every coroutine of the process behind one connection.
+
+Connections: at most ``AGENT_LEDGER["ASYNC_THREADS"]`` threads, one connection each. With
+``CONN_MAX_AGE = 0`` a thread closes its connection once it has had no ledger work for a second
+(a burst of calls shares it); with a positive or ``None`` ``CONN_MAX_AGE`` connections persist
+as Django's do. Broken connections are dropped after the call that found them broken.
+``close_connections()`` closes them all at once (tests, shutdown).
+
+Clocks: ``created_at``/``updated_at`` are written with ``Now()`` and staleness is judged against
+``Now()`` read in the same locked query, so the database clock decides, not the clocks of the
+(possibly many) application servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any, TypeVar, cast
+
+from asgiref.sync import sync_to_async
+from django.core.exceptions import ValidationError
+from django.db import (
+    DataError,
+    Error,
+    IntegrityError,
+    connections,
+    transaction,
+)
+from django.db.models import F
+from django.db.models.functions import Now
+from django.dispatch import Signal
+
+from .. import signals
+from ..conf import ledger_settings
+from ..errors import EffectLedgerValidationError, EffectNotFoundError, EffectStoreError
+from ..models import Effect as EffectRow
+from ..models import EffectTransition
+from ..types import (
+    TERMINAL_STATUSES,
+    Actor,
+    CommitOutcome,
+    CommitSucceeded,
+    Effect,
+    EffectError,
+    EffectStatus,
+    Transition,
+)
+from .base import BeginRecord, ChangeNotifier, NewEffect, TransitionRecord, claimable
+
+__all__ = ["DjangoStore", "close_connections"]
+
+logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: Wakes waiters in this process as soon as a change commits (any DjangoStore instance, any
+#: thread, including the sync service). Changes made by other processes are seen by polling.
+_notifier = ChangeNotifier()
+
+_executor: _LedgerThreads | None = None
+_executor_lock = threading.Lock()
+
+_SIGNALS: dict[EffectStatus, Signal] = {
+    EffectStatus.REQUIRES_APPROVAL: signals.approval_requested,
+    EffectStatus.READY: signals.effect_approved,
+    EffectStatus.DENIED: signals.effect_denied,
+    EffectStatus.CANCELED: signals.effect_canceled,
+    EffectStatus.SUCCEEDED: signals.effect_succeeded,
+    EffectStatus.FAILED: signals.effect_failed,
+}
+
+
+class DjangoStore:
+    """Effects and their history in ``agent_ledger``'s tables on the ``using`` database."""
+
+    def __init__(self, using: str | None = None) -> None:
+        self._using = using
+        self._claims: dict[str, Future[Effect | None]] = {}
+        self._claims_lock = threading.Lock()
+
+    @property
+    def using(self) -> str:
+        """The alias, read at call time so ``override_settings(AGENT_LEDGER=...)`` applies."""
+        return self._using or ledger_settings.DATABASE
+
+    def __repr__(self) -> str:
+        return f"DjangoStore(using={self._using!r})"
+
+    # -- the async protocol: each runs its sync twin on a worker thread -----------------------
+
+    async def begin(self, new: NewEffect) -> BeginRecord:
+        return await self._in_thread(self.begin_sync, new)
+
+    async def get(self, effect_id: str) -> Effect | None:
+        return await self._in_thread(self.get_sync, effect_id)
+
+    async def get_by_idem_key(self, idem_key: str) -> Effect | None:
+        return await self._in_thread(self.get_by_idem_key_sync, idem_key)
+
+    async def commit(
+        self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
+    ) -> Effect | None:
+        return await self._in_thread(self.commit_sync, effect_id, outcome, fence=fence, actor=actor)
+
+    async def transition(
+        self,
+        idem_key: str,
+        *,
+        from_statuses: Collection[EffectStatus],
+        to_status: EffectStatus,
+        actor: Actor,
+        reason: str | None = None,
+        error: EffectError | None = None,
+    ) -> TransitionRecord:
+        return await self._in_thread(
+            self.transition_sync,
+            idem_key,
+            from_statuses=from_statuses,
+            to_status=to_status,
+            actor=actor,
+            reason=reason,
+            error=error,
+        )
+
+    async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
+        """Concurrent claims of one effect through this store share one database round trip.
+
+        Waiters of a stale or just-approved effect all try to claim it at once; at most one can
+        win, so the others wait for the first attempt and report "someone else was first"
+        (None) instead of queueing on the row lock, which under load can take longer than a
+        short ``stale_after_ms`` and turn one takeover into several.
+        """
+        with self._claims_lock:
+            shared = self._claims.get(effect_id)
+            mine = shared is None
+            if shared is None:
+                shared = self._claims[effect_id] = Future()
+        if not mine:
+            await asyncio.wrap_future(shared)
+            return None
+        try:
+            claimed = await self._in_thread(
+                self.claim_sync, effect_id, stale_after_ms=stale_after_ms, actor=actor
+            )
+        except asyncio.CancelledError:
+            shared.set_result(None)  # the others were not canceled; they just did not win
+            raise
+        except BaseException as exc:
+            shared.set_exception(exc)
+            raise
+        else:
+            shared.set_result(claimed)
+            return claimed
+        finally:
+            with self._claims_lock:
+                del self._claims[effect_id]
+
+    async def history(self, effect_id: str) -> list[Transition]:
+        return await self._in_thread(self.history_sync, effect_id)
+
+    async def wait_for_change(self, effect_id: str, timeout_s: float, since: float) -> None:
+        await _notifier.wait(effect_id, timeout_s, since)
+
+    # -- sync twins: the ORM code ---------------------------------------------------------------
+
+    def begin_sync(self, new: NewEffect) -> BeginRecord:
+        using = self.using
+        user_id = _user_id(new.actor)
+        with _store_errors("begin"), transaction.atomic(using=using):
+            try:
+                # The unique constraint on idem_key decides fresh vs replay; the savepoint keeps
+                # the outer transaction usable when the insert loses (PostgreSQL aborts it else).
+                with transaction.atomic(using=using):
+                    row = EffectRow.objects.using(using).create(
+                        id=uuid.UUID(new.id),
+                        idem_key=new.idem_key,
+                        workflow_id=new.workflow_id,
+                        call_id=new.call_id,
+                        tool=new.tool,
+                        status=new.status.value,
+                        args_canonical=new.args_canonical,
+                        resource_id_canonical=new.resource_id_canonical,
+                    )
+            except IntegrityError as exc:
+                replayed = (
+                    EffectRow.objects.using(using)
+                    .filter(idem_key=new.idem_key)
+                    .update(dedup_count=F("dedup_count") + 1)
+                )
+                if not replayed:
+                    # Not the key: some other constraint refused the row.
+                    raise EffectStoreError(str(exc), operation="begin") from exc
+                row = EffectRow.objects.using(using).get(idem_key=new.idem_key)
+                return BeginRecord(_effect(row), created=False)
+            if not isinstance(row.created_at, datetime):
+                # Backends that cannot RETURN the db_default columns: read them back.
+                row.refresh_from_db(using=using, fields=["created_at", "updated_at"])
+            effect = _effect(row)
+            _record(using, effect, None, new.actor, user_id, None)
+        return BeginRecord(effect, created=True)
+
+    def get_sync(self, effect_id: str) -> Effect | None:
+        pk = _uuid(effect_id)
+        if pk is None:
+            return None
+        with _store_errors("get"):
+            row = EffectRow.objects.using(self.using).filter(pk=pk).first()
+        return None if row is None else _effect(row)
+
+    def get_by_idem_key_sync(self, idem_key: str) -> Effect | None:
+        with _store_errors("get_by_idem_key"):
+            row = EffectRow.objects.using(self.using).filter(idem_key=idem_key).first()
+        return None if row is None else _effect(row)
+
+    def commit_sync(
+        self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
+    ) -> Effect | None:
+        pk = _uuid(effect_id)
+        if pk is None:
+            return None
+        using = self.using
+        user_id = _user_id(actor)
+        if isinstance(outcome, CommitSucceeded):
+            status, changes = EffectStatus.SUCCEEDED, {"result": outcome.result}
+        else:
+            status, changes = EffectStatus.FAILED, {"error": outcome.error.to_dict()}
+        with _store_errors("commit"), transaction.atomic(using=using):
+            # No lock needed: the UPDATE's own conditions (still processing, fence unchanged)
+            # are checked and applied in one statement (PostgreSQL re-checks them on the row
+            # version it waited for), so a commit that lost its effect to a takeover or a
+            # cancel changes nothing.
+            owned = EffectRow.objects.using(using).filter(
+                pk=pk, status=EffectStatus.PROCESSING.value
+            )
+            if fence is not None:
+                owned = owned.filter(fence=fence)
+            if not owned.update(
+                status=status.value, updated_at=Now(), completed_at=Now(), **changes
+            ):
+                return None
+            effect = _effect(EffectRow.objects.using(using).get(pk=pk))
+            _record(using, effect, EffectStatus.PROCESSING, actor, user_id, None)
+        return effect
+
+    def transition_sync(
+        self,
+        idem_key: str,
+        *,
+        from_statuses: Collection[EffectStatus],
+        to_status: EffectStatus,
+        actor: Actor,
+        reason: str | None = None,
+        error: EffectError | None = None,
+    ) -> TransitionRecord:
+        using = self.using
+        user_id = _user_id(actor)
+        allowed = {EffectStatus(s).value for s in from_statuses}
+        with _store_errors("transition"), transaction.atomic(using=using):
+            # Lock the row for the whole check-then-write: without it, approve and deny racing
+            # could both read requires_approval and both write a decision.
+            row = EffectRow.objects.using(using).select_for_update().filter(idem_key=idem_key)
+            current = row.first()
+            if current is None:
+                raise EffectNotFoundError(idem_key)
+            if current.status not in allowed:
+                return TransitionRecord(_effect(current), changed=False)
+            changes: dict[str, Any] = {"status": to_status.value, "updated_at": Now()}
+            if error is not None:
+                changes["error"] = error.to_dict()
+            changes["completed_at"] = Now() if to_status in TERMINAL_STATUSES else None
+            # Conditional on the status just read as well, for backends that ignore
+            # select_for_update() (SQLite serialises writers instead, but belt and braces).
+            if not row.filter(status=current.status).update(**changes):
+                latest = EffectRow.objects.using(using).get(pk=current.pk)
+                return TransitionRecord(_effect(latest), changed=False)
+            effect = _effect(EffectRow.objects.using(using).get(pk=current.pk))
+            _record(using, effect, EffectStatus(current.status), actor, user_id, reason)
+        return TransitionRecord(effect, changed=True)
+
+    def claim_sync(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
+        pk = _uuid(effect_id)
+        if pk is None:
+            return None
+        using = self.using
+        user_id = _user_id(actor)
+        with _store_errors("claim"), transaction.atomic(using=using):
+            # Lock the row so that of two waiters who both see it ready (or stale), only one
+            # becomes the owner; the other blocks here and then sees the raised fence.
+            current = (
+                EffectRow.objects.using(using)
+                .select_for_update()
+                .filter(pk=pk)
+                .annotate(db_now=Now())
+                .first()
+            )
+            if current is None:
+                return None
+            before = _effect(current)
+            # The database's clock, read by the locking statement itself: on PostgreSQL that is
+            # when the statement started, so a claim that queued behind the winner's lock sees
+            # the winner's fresh updated_at as "not stale yet" instead of taking over again.
+            db_now: datetime = current.db_now  # type: ignore[attr-defined]
+            if not claimable(before, stale_after_ms=stale_after_ms, now=db_now):
+                return None
+            # Conditional on the fence too, for backends that ignore select_for_update().
+            taken = (
+                EffectRow.objects.using(using)
+                .filter(pk=pk, status=current.status, fence=current.fence)
+                .update(
+                    status=EffectStatus.PROCESSING.value, fence=F("fence") + 1, updated_at=Now()
+                )
+            )
+            if not taken:
+                return None
+            effect = _effect(EffectRow.objects.using(using).get(pk=pk))
+            reason = "stale takeover" if before.status is EffectStatus.PROCESSING else None
+            _record(using, effect, before.status, actor, user_id, reason)
+        return effect
+
+    def history_sync(self, effect_id: str) -> list[Transition]:
+        pk = _uuid(effect_id)
+        if pk is None:
+            return []
+        with _store_errors("history"):
+            rows = list(
+                EffectTransition.objects.using(self.using).filter(effect_id=pk).order_by("at", "id")
+            )
+        return [
+            Transition(
+                effect_id=str(row.effect_id),
+                from_status=EffectStatus(row.from_status) if row.from_status else None,
+                to_status=EffectStatus(row.to_status),
+                at=row.at,
+                actor=Actor(row.actor_label, row.actor_user_id, row.actor_name),
+                reason=row.reason,
+            )
+            for row in rows
+        ]
+
+    # -- threads and connections ----------------------------------------------------------------
+
+    async def _in_thread(self, func: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        # asgiref only needs an Executor (it calls loop.run_in_executor); its hints are narrower.
+        executor = cast(ThreadPoolExecutor, _get_executor())
+        run = sync_to_async(_in_worker, thread_sensitive=False, executor=executor)
+        result: _T = await run(func, *args, **kwargs)
+        return result
+
+
+def _in_worker(func: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Run ``func`` on one of the store's threads, which no request cycle cleans up after."""
+    _tidy_connections(idle=False)
+    try:
+        return func(*args, **kwargs)
+    except EffectStoreError as exc:
+        cause = exc.__cause__
+        if isinstance(cause, Error) and not isinstance(cause, (DataError, IntegrityError)):
+            # The connection may be broken, and SQLite's is_usable() always says yes: drop it
+            # so the next call on this thread opens a fresh one. Errors are rare; reconnecting
+            # is cheap next to handing a dead connection to every later call.
+            for conn in connections.all(initialized_only=True):
+                conn.close()
+        raise
+
+
+def _tidy_connections(*, idle: bool) -> None:
+    """What ``close_old_connections()`` does at a request's start and end, for these threads.
+
+    Broken connections and connections older than ``CONN_MAX_AGE`` are closed. With
+    ``CONN_MAX_AGE = 0`` (Django's default) a connection counts as old once its thread goes
+    idle rather than after every call: a burst of ledger calls (waiters polling, many
+    coroutines) then reuses it instead of paying for a new connection each time, and every
+    connection is still closed within ``_IDLE_CLOSE_S`` of the burst ending.
+    """
+    for conn in connections.all(initialized_only=True):
+        if idle or conn.settings_dict["CONN_MAX_AGE"] != 0:
+            conn.close_if_unusable_or_obsolete()
+            continue
+        # So that CONN_HEALTH_CHECKS checks once per call, as it does once per request.
+        conn.health_check_done = False  # type: ignore[attr-defined]
+        if conn.connection is not None and conn.errors_occurred:
+            if conn.is_usable():
+                conn.errors_occurred = False
+            else:
+                conn.close()
+
+
+#: How long a store thread keeps a CONN_MAX_AGE=0 connection while waiting for more work.
+_IDLE_CLOSE_S = 1.0
+
+_WorkItem = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+
+
+class _LedgerThreads(Executor):
+    """The store's threads: up to ``max_workers``, so at most that many connections.
+
+    Its own pool, not the loop's default one: sync handlers run there (``asyncio.to_thread``)
+    and blocking tools must not starve the ledger of threads to record their outcome. Unlike
+    ``ThreadPoolExecutor`` a thread notices when it goes idle, which is when it closes its
+    connections (see ``_tidy_connections``); on shutdown every thread closes its connections.
+    """
+
+    def __init__(self, max_workers: int, *, idle_close_s: float = _IDLE_CLOSE_S) -> None:
+        self._max_workers = max_workers
+        self._idle_close_s = idle_close_s
+        self._queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._pending = 0
+        self._shut_down = False
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._shut_down:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            self._queue.put((future, fn, args, kwargs))
+            self._pending += 1
+            if self._pending > self._idle and len(self._threads) < self._max_workers:
+                thread = threading.Thread(
+                    target=self._work, name=f"agent-ledger-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._shut_down = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._queue.put(None)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+    def _work(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    self._idle += 1
+                try:
+                    item = self._queue.get(timeout=self._idle_close_s)
+                except queue.Empty:
+                    _close_idle_connections()
+                    item = self._queue.get()
+                with self._lock:
+                    self._idle -= 1
+                    if item is not None:
+                        self._pending -= 1
+                if item is None:
+                    return
+                future, fn, args, kwargs = item
+                del item
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    result = fn(*args, **kwargs)
+                except BaseException as exc:
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+                del future, fn, args, kwargs
+        finally:
+            connections.close_all()
+
+
+def _close_idle_connections() -> None:
+    try:
+        _tidy_connections(idle=True)
+    except Exception:
+        # Checking needs the database (autocommit, is_usable); if that fails, just close.
+        logger.debug("closing idle ledger connections without checking them", exc_info=True)
+        for conn in connections.all(initialized_only=True):
+            conn.close()
+
+
+def close_connections() -> None:
+    """Close every connection the store's threads hold, now instead of when they go idle.
+
+    For tests (before the test database is flushed or dropped) and shutdown hooks; call it
+    when no async ledger call is in flight. New threads are started by the next call.
+    """
+    global _executor
+    with _executor_lock:
+        executor, _executor = _executor, None
+    if executor is not None:
+        executor.shutdown(wait=True)
+
+
+def _get_executor() -> _LedgerThreads:
+    global _executor
+    if _executor is None:
+        with _executor_lock:
+            if _executor is None:
+                _executor = _LedgerThreads(ledger_settings.ASYNC_THREADS)
+    return _executor
+
+
+@contextmanager
+def _store_errors(operation: str) -> Iterator[None]:
+    """Turn the driver's failures into ``EffectStoreError`` with the original chained."""
+    try:
+        yield
+    except EffectStoreError:
+        raise
+    except Error as exc:
+        raise EffectStoreError(f"{type(exc).__name__}: {exc}", operation=operation) from exc
+
+
+# -- rows <-> values ---------------------------------------------------------------------------
+
+
+def _effect(row: EffectRow) -> Effect:
+    return Effect(
+        id=str(row.id),
+        idem_key=row.idem_key,
+        workflow_id=row.workflow_id,
+        call_id=row.call_id,
+        tool=row.tool,
+        status=EffectStatus(row.status),
+        args_canonical=row.args_canonical,
+        resource_id_canonical=row.resource_id_canonical,
+        dedup_count=row.dedup_count,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        result=row.result,
+        error=EffectError.from_dict(row.error),
+        completed_at=row.completed_at,
+        fence=row.fence,
+    )
+
+
+def _record(
+    using: str,
+    effect: Effect,
+    from_status: EffectStatus | None,
+    actor: Actor,
+    user_id: Any,
+    reason: str | None,
+) -> None:
+    """Append the history row (inside the caller's transaction) and, once that transaction
+    commits, wake this process's waiters and send the status's signal."""
+    EffectTransition.objects.using(using).create(
+        effect_id=uuid.UUID(effect.id),
+        from_status=from_status.value if from_status is not None else None,
+        to_status=effect.status.value,
+        actor_label=actor.label,
+        actor_user_id=user_id,
+        actor_name=actor.name or "",
+        reason=reason,
+    )
+    transaction.on_commit(lambda: _notifier.notify(effect.id), using=using)
+    signal = _SIGNALS.get(effect.status) if from_status is not effect.status else None
+    if signal is not None:
+        transaction.on_commit(lambda: _send(signal, effect, actor), using=using)
+
+
+def _send(signal: Signal, effect: Effect, actor: Actor) -> None:
+    # The change is committed: a failing receiver must not turn it into an error for the
+    # caller (who would then retry a decision that was recorded), so log and carry on.
+    for receiver, response in signal.send_robust(sender=EffectRow, effect=effect, actor=actor):
+        if isinstance(response, Exception):
+            logger.error(
+                "agent_ledger signal receiver %r failed for effect %s",
+                receiver,
+                effect.id,
+                exc_info=response,
+            )
+
+
+def _uuid(value: str) -> uuid.UUID | None:
+    """Ids that are not UUIDs cannot name an effect; treat them as unknown, not as errors."""
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+def _user_id(actor: Actor) -> Any:
+    """``actor.user_id`` as the user model's primary key, checked before anything is written."""
+    if actor.user_id is None:
+        return None
+    field = EffectTransition._meta.get_field("actor_user").target_field
+    try:
+        return field.to_python(actor.user_id)
+    except ValidationError as exc:
+        raise EffectLedgerValidationError(
+            f"{actor.user_id!r} is not a valid user id", field="actor.user_id"
+        ) from exc

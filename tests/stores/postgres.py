@@ -1,0 +1,110 @@
+"""``PostgresStore`` for the contract suite, in a throwaway schema of its own.
+
+Stores live in random schemas (``ledger_<hex>``) of the ``TEST_POSTGRES_URL`` database, with
+tables made by ``SCHEMA_SQL``, so parallel runs, pytest-django's test databases and other tests
+never see each other's rows. An unreachable server is an error, never a skip. The helpers here
+are shared by the other PostgreSQL tests.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from agent_ledger.stores.postgres import SCHEMA_SQL, PostgresStore
+from tests.conftest import POSTGRES_URL
+
+CONNECT_TIMEOUT_S = 5
+
+#: The contract suite's schema: made once per session (its DDL costs more than most tests),
+#: emptied before each test, dropped when the session ends.
+_contract_schema: str | None = None
+
+
+async def make(request: pytest.FixtureRequest) -> AsyncIterator[PostgresStore]:
+    global _contract_schema
+    if _contract_schema is None:
+        _contract_schema = await create_schema()
+        request.config.add_cleanup(lambda: drop_schema_sync(_contract_schema))
+    schema = _contract_schema
+    async with await connect(options=search_path(schema)) as conn:
+        await conn.execute("DELETE FROM agent_ledger_effecttransition")
+        await conn.execute("DELETE FROM agent_ledger_effect")
+    async with schema_pool(schema) as pool:
+        yield PostgresStore(pool=pool)
+
+
+async def connect(**kwargs: Any) -> psycopg.AsyncConnection[Any]:
+    """A plain autocommit connection to the test server, outside any pool."""
+    return await psycopg.AsyncConnection.connect(
+        POSTGRES_URL, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, **kwargs
+    )
+
+
+def search_path(schema: str) -> str:
+    """libpq ``options`` that put a connection's unqualified names in ``schema``."""
+    return f"-c search_path={schema}"
+
+
+async def create_schema(*, tables: bool = True, prefix: str = "ledger") -> str:
+    """A fresh schema, with the ledger's tables (by ``SCHEMA_SQL``) unless ``tables=False``."""
+    schema = f"{prefix}_{secrets.token_hex(6)}"
+    async with await connect() as conn:
+        await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        if tables:
+            await conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+            await conn.execute(SCHEMA_SQL)
+    return schema
+
+
+def drop_schema_sync(schema: str | None) -> None:
+    if schema is not None:
+        with psycopg.connect(
+            POSTGRES_URL, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S
+        ) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@asynccontextmanager
+async def ledger_schema(*, tables: bool = True, prefix: str = "ledger") -> AsyncIterator[str]:
+    """A fresh schema (see ``create_schema``), dropped afterwards."""
+    schema = await create_schema(tables=tables, prefix=prefix)
+    try:
+        yield schema
+    finally:
+        async with await connect() as conn:
+            await conn.execute(
+                sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema))
+            )
+
+
+@asynccontextmanager
+async def schema_pool(
+    schema: str, *, conninfo: str = POSTGRES_URL, **kwargs: Any
+) -> AsyncIterator[AsyncConnectionPool]:
+    """An open pool whose connections see ``schema``; checked on checkout, as the README says.
+
+    ``kwargs`` override the pool's settings; ``kwargs["kwargs"]`` adds connection parameters.
+    """
+    settings: dict[str, Any] = {
+        "min_size": 1,
+        "max_size": 10,
+        "timeout": 10,
+        "check": AsyncConnectionPool.check_connection,
+    }
+    settings.update(kwargs)
+    connection_kwargs = {"options": search_path(schema), "connect_timeout": CONNECT_TIMEOUT_S}
+    connection_kwargs.update(settings.pop("kwargs", {}))
+    pool = AsyncConnectionPool(conninfo, kwargs=connection_kwargs, open=False, **settings)
+    await pool.open(wait=settings["min_size"] > 0, timeout=CONNECT_TIMEOUT_S)
+    try:
+        yield pool
+    finally:
+        await pool.close()
