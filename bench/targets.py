@@ -20,7 +20,15 @@ from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
 from . import workload
-from .common import BENCH_DIR, SCHEMA_FLOOR, SCHEMA_OURS, SCHEMA_UPSTREAM, bench_url, conninfo
+from .common import (
+    BENCH_DIR,
+    SCHEMA_FLOOR,
+    SCHEMA_OURS,
+    SCHEMA_UPSTREAM,
+    bench_url,
+    conninfo,
+    url_parts,
+)
 from .floor import EFFECT, TABLES_SQL, TRANSITION, FloorLedger
 
 UPSTREAM_VERSION = "0.2.1"
@@ -37,8 +45,6 @@ class Target:
     name = ""
     #: The schema holding this target's tables (for the server's row counters).
     schema = ""
-    #: The phase's result plus whatever ``run.py`` should print about this target.
-    notes: str = ""
 
     async def setup(self) -> None:
         """Create this target's tables once per run (idempotent)."""
@@ -79,7 +85,6 @@ def _pool(dsn: str, size: int, name: str, **kwargs: Any) -> AsyncConnectionPool[
 class FloorTarget(Target):
     name = "floor"
     schema = SCHEMA_FLOOR
-    notes = "raw SQL in bench/floor.py; autocommit pool"
     #: Which of ``floor.VARIANTS``; ``run.py --floor`` sets it.
     variant = "issue"
 
@@ -149,7 +154,6 @@ class _OursTarget(Target):
 
 class OursPostgresTarget(_OursTarget):
     name = "ours-pg"
-    notes = "agent_ledger.stores.postgres.PostgresStore; autocommit pool"
 
     def __init__(self) -> None:
         super().__init__()
@@ -184,7 +188,6 @@ class OursPostgresTarget(_OursTarget):
 
 class OursDjangoTarget(_OursTarget):
     name = "ours-django"
-    notes = "agent_ledger.stores.django.DjangoStore; Django's psycopg pool, CONN_MAX_AGE=0"
 
     def __init__(self) -> None:
         super().__init__()
@@ -207,12 +210,21 @@ class OursDjangoTarget(_OursTarget):
         self._ledger = None
 
     async def _reset_pool(self, port: int | None, *, prefill: bool) -> None:
-        """Close every connection DjangoStore holds (its worker threads', Django's pool) and
-        point the next ones at ``port`` (the counting proxy) or back at the server."""
+        """Close every connection DjangoStore holds (its worker threads', its LISTEN connection,
+        Django's pool) and point the next ones at ``port`` (the counting proxy) or back at the
+        server."""
         from django.db import connections
 
         def reset() -> None:
-            _close_in_store_threads()
+            from agent_ledger.stores import django as django_store
+
+            # The store's own way to drop every connection it holds (threads, LISTEN), when it
+            # has one; else close them thread by thread.
+            close_connections = getattr(django_store, "close_connections", None)
+            if close_connections is not None:
+                close_connections()
+            else:
+                _close_in_store_threads()
             wrapper = connections["default"]
             if self._settings_port is None:
                 self._settings_port = wrapper.settings_dict["PORT"]
@@ -241,13 +253,17 @@ def _close_in_store_threads() -> None:
 
     Django connections belong to the thread that opened them, so each thread must close its
     own: every task waits on a barrier until all have started, which puts one on each thread.
-    (``_get_executor`` is private to the store; the bench may lean on it.)
+    (``_get_executor`` is private to the store; the bench leans on it, and does without it if it
+    goes: with Django's pool, the default, the store's threads hold no connection between calls.)
     """
     from django.db import connections
 
     from agent_ledger.stores import django as django_store
 
-    executor = django_store._get_executor()
+    get_executor = getattr(django_store, "_get_executor", None)
+    if get_executor is None:
+        return
+    executor = get_executor()
     workers = executor._max_workers
     barrier = threading.Barrier(workers)
 
@@ -260,8 +276,6 @@ def _close_in_store_threads() -> None:
 
 
 def _server_host() -> str:
-    from .common import url_parts
-
     return url_parts(bench_url())["host"]
 
 
@@ -271,7 +285,6 @@ class UpstreamTarget(Target):
 
     name = "upstream"
     schema = SCHEMA_UPSTREAM
-    notes = f"agent-ledger=={UPSTREAM_VERSION} PostgresStore, own venv + process; default pool"
 
     def __init__(self, venv: Path = UPSTREAM_VENV) -> None:
         self._python = ensure_upstream_venv(venv)

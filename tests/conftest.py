@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -32,3 +32,12 @@ async def store(request: pytest.FixtureRequest) -> AsyncIterator[EffectStore]:
 @pytest.fixture
 async def ledger(store: EffectStore) -> EffectLedger:
     return EffectLedger(EffectLedgerOptions(store=store))
+
+
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup: None) -> Iterator[None]:
+    """Close the store's own connections (threads, LISTEN) before the test database is dropped."""
+    yield
+    from agent_ledger.stores.django import close_connections
+
+    close_connections()

@@ -31,6 +31,7 @@ from agent_ledger import (
     EffectStatus,
     EffectStoreError,
 )
+from agent_ledger.stores import _pgsql
 from agent_ledger.stores.postgres import SCHEMA_SQL, PostgresStore
 from agent_ledger.types import SYSTEM
 from tests.conftest import POSTGRES_URL
@@ -137,7 +138,7 @@ async def test_begin_retries_when_it_loses_the_insert_to_a_row_it_cannot_see_yet
     assert not record.created
     assert record.effect.workflow_id == "other"
     assert record.effect.dedup_count == 1
-    assert statements.count(postgres._BEGIN) == 2
+    assert statements.count(_pgsql.BEGIN) == 2
     # The loser wrote no history row for the winner's effect.
     assert await fetch(db, "SELECT count(*) FROM agent_ledger_effecttransition") == [(0,)]
 

@@ -22,6 +22,9 @@ from typing import Protocol, runtime_checkable
 
 from ..types import Actor, CommitOutcome, Effect, EffectError, EffectStatus, Transition
 
+#: The LISTEN/NOTIFY channel PostgreSQL stores announce changes on (payload: the effect id).
+CHANNEL = "agent_ledger"
+
 
 @dataclasses.dataclass(frozen=True)
 class NewEffect:

@@ -21,6 +21,7 @@ Clocks: ``created_at``/``updated_at`` are written with ``Now()`` and staleness i
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import queue
 import threading
@@ -29,7 +30,7 @@ from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from asgiref.sync import sync_to_async
 from django.core.exceptions import ValidationError
@@ -59,7 +60,12 @@ from ..types import (
     EffectStatus,
     Transition,
 )
+from . import _pgsql as pgsql
+from ._listen import Listener
 from .base import BeginRecord, ChangeNotifier, NewEffect, TransitionRecord, claimable
+
+if TYPE_CHECKING:
+    import psycopg
 
 __all__ = ["DjangoStore", "close_connections"]
 
@@ -173,6 +179,7 @@ class DjangoStore:
         return await self._in_thread(self.history_sync, effect_id)
 
     async def wait_for_change(self, effect_id: str, timeout_s: float, since: float) -> None:
+        _listen(self.using)
         await _notifier.wait(effect_id, timeout_s, since)
 
     # -- sync twins: the ORM code ---------------------------------------------------------------
@@ -180,6 +187,32 @@ class DjangoStore:
     def begin_sync(self, new: NewEffect) -> BeginRecord:
         using = self.using
         user_id = _user_id(new.actor)
+        if _fast_path(using):
+            params = {
+                "id": uuid.UUID(new.id),
+                "idem_key": new.idem_key,
+                "workflow_id": new.workflow_id,
+                "call_id": new.call_id,
+                "tool": new.tool,
+                "status": new.status.value,
+                "args_canonical": new.args_canonical,
+                "resource_id_canonical": new.resource_id_canonical,
+                "from_status": None,
+                "reason": None,
+                "replay_commit": "off",
+                **_actor_params(new.actor, user_id),
+            }
+            with _store_errors("begin"):
+                for _ in range(_BEGIN_ATTEMPTS):
+                    found = _fetch(using, pgsql.BEGIN, params)
+                    if found is not None:
+                        break
+                else:
+                    raise EffectStoreError(f"key {new.idem_key} vanished", operation="begin")
+            effect = _effect_from_sql(found)
+            if found["created"]:
+                _announce(using, effect, None, new.actor)
+            return BeginRecord(effect, created=found["created"])
         with _store_errors("begin"), transaction.atomic(using=using):
             try:
                 # The unique constraint on idem_key decides fresh vs replay; the savepoint keeps
@@ -238,6 +271,29 @@ class DjangoStore:
             status, changes = EffectStatus.SUCCEEDED, {"result": outcome.result}
         else:
             status, changes = EffectStatus.FAILED, {"error": outcome.error.to_dict()}
+        if _fast_path(using):
+            from psycopg.types.json import Jsonb
+
+            query = (
+                pgsql.COMMIT_SUCCEEDED if status is EffectStatus.SUCCEEDED else pgsql.COMMIT_FAILED
+            )
+            value = changes.get("result", changes.get("error"))
+            params = {
+                "id": pk,
+                "status": status.value,
+                "value": None if value is None else Jsonb(value),
+                "fence": fence,
+                "from_status": EffectStatus.PROCESSING.value,
+                "reason": None,
+                **_actor_params(actor, user_id),
+            }
+            with _store_errors("commit"):
+                committed = _fetch(using, query, params)
+            if committed is None:
+                return None
+            effect = _effect_from_sql(committed)
+            _announce(using, effect, EffectStatus.PROCESSING, actor)
+            return effect
         with _store_errors("commit"), transaction.atomic(using=using):
             # No lock needed: the UPDATE's own conditions (still processing, fence unchanged)
             # are checked and applied in one statement (PostgreSQL re-checks them on the row
@@ -491,12 +547,14 @@ def _close_idle_connections() -> None:
 
 
 def close_connections() -> None:
-    """Close every connection the store's threads hold, now instead of when they go idle.
+    """Close every connection the store holds (its threads', and the LISTEN connection), now
+    instead of when they go idle.
 
     For tests (before the test database is flushed or dropped) and shutdown hooks; call it
     when no async ledger call is in flight. New threads are started by the next call.
     """
     global _executor
+    _stop_listening()
     with _executor_lock:
         executor, _executor = _executor, None
     if executor is not None:
@@ -565,6 +623,11 @@ def _record(
         actor_name=actor.name or "",
         reason=reason,
     )
+    _announce(using, effect, from_status, actor)
+
+
+def _announce(using: str, effect: Effect, from_status: EffectStatus | None, actor: Actor) -> None:
+    """Once the change commits: wake this process's waiters and send the status's signal."""
     transaction.on_commit(lambda: _notifier.notify(effect.id), using=using)
     signal = _SIGNALS.get(effect.status) if from_status is not effect.status else None
     if signal is not None:
@@ -582,6 +645,88 @@ def _send(signal: Signal, effect: Effect, actor: Actor) -> None:
                 effect.id,
                 exc_info=response,
             )
+
+
+# -- PostgreSQL: the same single statements as PostgresStore ------------------------------------
+
+#: How often ``begin`` re-runs after losing the insert race to a row it cannot see yet.
+_BEGIN_ATTEMPTS = 10
+
+_listeners: dict[str, Listener] = {}
+_listeners_lock = threading.Lock()
+
+
+def _fast_path(using: str) -> bool:
+    """On PostgreSQL, outside the caller's transaction, ``begin`` and ``commit`` run the shared
+    single statements (``_pgsql``): one round trip each, history row included, where the ORM
+    needs a transaction, a savepoint and several statements. Inside an ``atomic()`` block the
+    ORM path keeps the caller's transaction semantics (and the server's commit durability)."""
+    conn = connections[using]
+    return conn.vendor == "postgresql" and not conn.in_atomic_block
+
+
+def _fetch(using: str, query: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    with connections[using].cursor() as cursor:
+        cursor.execute(query, params)
+        row = cursor.fetchone()
+        if row is None:
+            return None
+        return {column.name: value for column, value in zip(cursor.description, row, strict=True)}
+
+
+def _effect_from_sql(row: dict[str, Any]) -> Effect:
+    # Django loads jsonb as text (JSONField parses it); raw cursors get that text.
+    result, error = row["result"], row["error"]
+    return Effect(
+        id=str(row["id"]),
+        idem_key=row["idem_key"],
+        workflow_id=row["workflow_id"],
+        call_id=row["call_id"],
+        tool=row["tool"],
+        status=EffectStatus(row["status"]),
+        args_canonical=row["args_canonical"],
+        resource_id_canonical=row["resource_id_canonical"],
+        dedup_count=row["dedup_count"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        result=json.loads(result) if isinstance(result, str) else result,
+        error=EffectError.from_dict(json.loads(error) if isinstance(error, str) else error),
+        completed_at=row["completed_at"],
+        fence=row["fence"],
+    )
+
+
+def _actor_params(actor: Actor, user_id: Any) -> dict[str, Any]:
+    return {"actor_label": actor.label, "actor_user_id": user_id, "actor_name": actor.name or ""}
+
+
+def _listen(using: str) -> None:
+    """Hear other processes' commits on PostgreSQL (one LISTEN connection per alias)."""
+    listener = _listeners.get(using)
+    if listener is None:
+        conn = connections[using]
+        if conn.vendor != "postgresql":
+            return
+        with _listeners_lock:
+            listener = _listeners.get(using)
+            if listener is None:
+                params = conn.get_connection_params()
+
+                def connect() -> psycopg.Connection[Any]:
+                    import psycopg
+
+                    return psycopg.connect(**{**params, "autocommit": True})
+
+                listener = _listeners[using] = Listener(connect, _notifier)
+    listener.start()
+
+
+def _stop_listening() -> None:
+    with _listeners_lock:
+        listeners = list(_listeners.values())
+        _listeners.clear()
+    for listener in listeners:
+        listener.stop()
 
 
 def _uuid(value: str) -> uuid.UUID | None:

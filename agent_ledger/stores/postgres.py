@@ -9,14 +9,15 @@ change and history row are written together by a data-modifying CTE; ``transitio
 row, checks, changes and writes history in one short transaction.
 
 Clock: every timestamp is ``statement_timestamp()``, what Django's ``Now()`` and the column
-defaults use, and staleness is judged by the database clock too (see ``_CLAIM``), so the clocks
-of the (possibly many) workers do not matter.
+defaults use, and staleness is judged by the database clock too (see ``sql.CLAIM``), so
+the clocks of the (possibly many) workers do not matter.
 
 Pool: give the pool ``check=AsyncConnectionPool.check_connection``; a connection the server
 dropped while idle is then replaced on checkout instead of failing the next call.
 
-Waiting polls for now (``PollingMixin``). LISTEN/NOTIFY slots in at ``_changed``: a
-``pg_notify`` in each write's transaction, and a listener that wakes a ``ChangeNotifier``.
+Waiting: writes that someone may be waiting for call ``pg_notify`` (see ``_pgsql``); a
+``Listener`` thread hears them and wakes this process's waiters at once. Polling with backoff
+stays underneath as the fallback.
 """
 
 from __future__ import annotations
@@ -49,7 +50,9 @@ from ..types import (
     EffectStatus,
     Transition,
 )
-from .base import BeginRecord, NewEffect, PollingMixin, TransitionRecord
+from . import _pgsql as sql
+from ._listen import Listener
+from .base import BeginRecord, ChangeNotifier, NewEffect, TransitionRecord
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -125,121 +128,6 @@ CREATE INDEX IF NOT EXISTS agent_ledger_trans_at
     ON agent_ledger_effecttransition (at DESC);
 """
 
-_COLUMNS = (
-    "id, idem_key, workflow_id, call_id, tool, status, args_canonical, resource_id_canonical, "
-    "result, error, dedup_count, fence, created_at, updated_at, completed_at"
-)
-
-#: Casts in the SELECT lists: a parameter there has no column to take its type from.
-_HISTORY = """
-INSERT INTO agent_ledger_effecttransition
-    (effect_id, from_status, to_status, at, actor_label, actor_user_id, actor_name, reason)
-SELECT id, %(from_status)s::varchar, status, {at}, %(actor_label)s::varchar,
-       %(actor_user_id)s::integer, %(actor_name)s::varchar, %(reason)s::text
-FROM {source}
-"""
-
-# Insert-or-count in one statement. Under READ COMMITTED, a row inserted by a transaction that
-# commits while this statement runs makes the INSERT do nothing (the key exists) while the
-# UPDATE cannot see it (it is newer than the statement's snapshot): both branches come back
-# empty and the statement is simply run again, with a fresh snapshot.
-_BEGIN = f"""
-WITH ins AS (
-    INSERT INTO agent_ledger_effect
-        (id, idem_key, workflow_id, call_id, tool, status, args_canonical,
-         resource_id_canonical, dedup_count, fence, created_at, updated_at)
-    VALUES (%(id)s, %(idem_key)s, %(workflow_id)s, %(call_id)s, %(tool)s, %(status)s,
-            %(args_canonical)s, %(resource_id_canonical)s, 0, 1,
-            statement_timestamp(), statement_timestamp())
-    ON CONFLICT (idem_key) DO NOTHING
-    RETURNING {_COLUMNS}
-), hist AS (
-    {_HISTORY.format(at="created_at", source="ins")}
-), upd AS (
-    UPDATE agent_ledger_effect SET dedup_count = dedup_count + 1
-    WHERE idem_key = %(idem_key)s AND NOT EXISTS (SELECT 1 FROM ins)
-    RETURNING {_COLUMNS}
-)
-SELECT true AS created, {_COLUMNS} FROM ins
-UNION ALL
-SELECT false AS created, {_COLUMNS} FROM upd
-"""
-
-# No lock needed: the UPDATE's own conditions (still processing, fence unchanged) are
-# re-checked on the newest row version if it waits for another writer, so a commit that lost
-# its effect to a takeover or a cancel changes nothing.
-_COMMIT = """
-WITH upd AS (
-    UPDATE agent_ledger_effect
-    SET status = %(status)s, {column} = %(value)s,
-        updated_at = statement_timestamp(), completed_at = statement_timestamp()
-    WHERE id = %(id)s AND status = 'processing'
-      AND (%(fence)s::integer IS NULL OR fence = %(fence)s::integer)
-    RETURNING {columns}
-), hist AS (
-    {history}
-)
-SELECT {columns} FROM upd
-"""
-_COMMIT_SUCCEEDED = _COMMIT.format(
-    column="result", columns=_COLUMNS, history=_HISTORY.format(at="updated_at", source="upd")
-)
-_COMMIT_FAILED = _COMMIT.format(
-    column="error", columns=_COLUMNS, history=_HISTORY.format(at="updated_at", source="upd")
-)
-
-_TRANSITION = f"""
-WITH upd AS (
-    UPDATE agent_ledger_effect
-    SET status = %(to_status)s, updated_at = statement_timestamp(),
-        error = coalesce(%(error)s::jsonb, error),
-        completed_at = CASE WHEN %(terminal)s THEN statement_timestamp() END
-    WHERE id = %(id)s
-    RETURNING {_COLUMNS}
-), hist AS (
-    {_HISTORY.format(at="updated_at", source="upd")}
-)
-SELECT {_COLUMNS} FROM upd
-"""
-
-# The claim rule of ``base.claimable`` by the database clock: ready, or processing and idle for
-# at least the stale threshold (NULL: stale takeover disabled), judged as of when ``claim`` was
-# called: ``now()`` less the time the call waited for a connection (a duration, so the worker's
-# clock is never compared with the database's). A claimer that queued behind the winner, for a
-# pooled connection or for the row lock, then sees the winner's fresh ``updated_at`` as newer
-# than its own moment and loses, instead of finding the new owner stale in turn.
-_CLAIM = f"""
-WITH cur AS (
-    SELECT id, status FROM agent_ledger_effect WHERE id = %(id)s FOR UPDATE
-), upd AS (
-    UPDATE agent_ledger_effect AS e
-    SET status = 'processing', fence = e.fence + 1, updated_at = statement_timestamp()
-    FROM cur
-    WHERE e.id = cur.id
-      AND (e.status = 'ready'
-           OR (e.status = 'processing' AND %(stale)s::interval IS NOT NULL
-               AND e.updated_at <= now() - %(waited)s::interval - %(stale)s::interval))
-    RETURNING {", ".join(f"e.{column}" for column in _COLUMNS.split(", "))},
-              cur.status AS from_status
-), hist AS (
-    INSERT INTO agent_ledger_effecttransition
-        (effect_id, from_status, to_status, at, actor_label, actor_user_id, actor_name, reason)
-    SELECT id, from_status, status, updated_at, %(actor_label)s::varchar,
-           %(actor_user_id)s::integer, %(actor_name)s::varchar,
-           CASE WHEN from_status = 'processing' THEN 'stale takeover' END
-    FROM upd
-)
-SELECT {_COLUMNS} FROM upd
-"""
-
-_LOCK_BY_KEY = f"SELECT {_COLUMNS} FROM agent_ledger_effect WHERE idem_key = %s FOR UPDATE"
-_GET = f"SELECT {_COLUMNS} FROM agent_ledger_effect WHERE id = %s"
-_GET_BY_KEY = f"SELECT {_COLUMNS} FROM agent_ledger_effect WHERE idem_key = %s"
-_HISTORY_OF = """
-SELECT effect_id, from_status, to_status, at, actor_label, actor_user_id, actor_name, reason
-FROM agent_ledger_effecttransition WHERE effect_id = %s ORDER BY at, id
-"""
-
 #: How often ``begin`` re-runs after losing the insert race to a row it cannot see yet. Once is
 #: enough unless the row is deleted in between, over and over.
 _BEGIN_ATTEMPTS = 10
@@ -252,7 +140,7 @@ _INT4_MAX = 2**31 - 1
 _DRIVER_ERRORS = (psycopg.Error, OSError)
 
 
-class PostgresStore(PollingMixin):
+class PostgresStore:
     """Effects and their history in ``agent_ledger``'s tables, through a psycopg 3 async pool.
 
     The pool is the caller's to open and close; the tables are found on its connections'
@@ -260,8 +148,20 @@ class PostgresStore(PollingMixin):
     pool's loop, which must keep running meanwhile (awaiting, not blocked in a sync call).
     """
 
-    def __init__(self, *, pool: AsyncConnectionPool) -> None:
+    def __init__(
+        self, *, pool: AsyncConnectionPool, listen: bool = True, replay_commit: str = "off"
+    ) -> None:
+        """``listen``: wake waiters through LISTEN/NOTIFY (one extra connection per store) rather
+        than by polling alone. ``replay_commit``: ``synchronous_commit`` for transactions that
+        only count a replay ("off": a crash may lose the latest counts; "on": it may not)."""
+        if replay_commit not in ("on", "off", "local", "remote_write", "remote_apply"):
+            raise EffectLedgerValidationError(
+                "must be a synchronous_commit value", field="replay_commit"
+            )
         self._pool = pool
+        self._replay_commit = replay_commit
+        self._notifier = ChangeNotifier()
+        self._listener = Listener(self._listen_connection, self._notifier) if listen else None
         # The loop the pool lives on: its locks and workers belong to it. Known here when the
         # store is made inside a coroutine (as in the README), else at the first call.
         self._loop: asyncio.AbstractEventLoop | None = _running_loop()
@@ -350,11 +250,12 @@ class PostgresStore(PollingMixin):
             "resource_id_canonical": new.resource_id_canonical,
             "from_status": None,
             "reason": None,
+            "replay_commit": self._replay_commit,
             **_actor_params(new.actor),
         }
         async with self._connection("begin") as conn:
             for _ in range(_BEGIN_ATTEMPTS):
-                row = await _fetchone(conn, _BEGIN, params)
+                row = await _fetchone(conn, sql.BEGIN, params)
                 if row is not None:
                     break
             else:
@@ -375,10 +276,10 @@ class PostgresStore(PollingMixin):
         if pk is None:
             return None
         if isinstance(outcome, CommitSucceeded):
-            query, status = _COMMIT_SUCCEEDED, EffectStatus.SUCCEEDED
+            query, status = sql.COMMIT_SUCCEEDED, EffectStatus.SUCCEEDED
             value = None if outcome.result is None else Jsonb(outcome.result)
         else:
-            query, status = _COMMIT_FAILED, EffectStatus.FAILED
+            query, status = sql.COMMIT_FAILED, EffectStatus.FAILED
             value = Jsonb(outcome.error.to_dict())
         params = {
             "id": pk,
@@ -412,7 +313,7 @@ class PostgresStore(PollingMixin):
         async with self._connection("transition") as conn, conn.transaction():
             # Lock the row for the whole check-then-write: without it, approve and deny racing
             # could both read requires_approval and both write a decision.
-            row = await _fetchone(conn, _LOCK_BY_KEY, (idem_key,))
+            row = await _fetchone(conn, sql.LOCK_BY_KEY, (idem_key,))
             if row is None:
                 raise EffectNotFoundError(idem_key)
             current = _effect(row)
@@ -420,7 +321,7 @@ class PostgresStore(PollingMixin):
                 return TransitionRecord(current, changed=False)
             row = await _fetchone(
                 conn,
-                _TRANSITION,
+                sql.TRANSITION,
                 {
                     "id": uuid.UUID(current.id),
                     "to_status": to_status.value,
@@ -451,7 +352,7 @@ class PostgresStore(PollingMixin):
             # the others wait, then see the raised fence and fresh updated_at. It also pins the
             # status the history row says was left.
             params["waited"] = timedelta(seconds=max(0.0, time.monotonic() - requested))
-            row = await _fetchone(conn, _CLAIM, params)
+            row = await _fetchone(conn, sql.CLAIM, params)
         if row is None:
             return None
         self._changed(effect_id)
@@ -464,12 +365,12 @@ class PostgresStore(PollingMixin):
         if pk is None:
             return None
         async with self._connection("get") as conn:
-            row = await _fetchone(conn, _GET, (pk,))
+            row = await _fetchone(conn, sql.GET, (pk,))
         return None if row is None else _effect(row)
 
     async def _get_by_idem_key(self, idem_key: str) -> Effect | None:
         async with self._connection("get_by_idem_key") as conn:
-            row = await _fetchone(conn, _GET_BY_KEY, (idem_key,))
+            row = await _fetchone(conn, sql.GET_BY_KEY, (idem_key,))
         return None if row is None else _effect(row)
 
     async def _history(self, effect_id: str) -> list[Transition]:
@@ -478,7 +379,7 @@ class PostgresStore(PollingMixin):
             return []
         async with self._connection("history") as conn:
             cursor = conn.cursor(row_factory=dict_row)
-            await cursor.execute(_HISTORY_OF, (pk,))
+            await cursor.execute(sql.HISTORY_OF, (pk,))
             rows = await cursor.fetchall()
         return [
             Transition(
@@ -525,7 +426,27 @@ class PostgresStore(PollingMixin):
             raise EffectStoreError(f"{type(exc).__name__}: {exc}", operation=operation) from exc
 
     def _changed(self, effect_id: str) -> None:
-        """Called after a write to ``effect_id`` committed; LISTEN/NOTIFY will wake waiters here."""
+        """A write to ``effect_id`` committed: wake this process's waiters without waiting for
+        the notification's round trip through the server (other processes get that)."""
+        self._notifier.notify(effect_id)
+
+    async def wait_for_change(self, effect_id: str, timeout_s: float, since: float) -> None:
+        if self._listener is not None:
+            self._listener.start()
+        await self._notifier.wait(effect_id, timeout_s, since)
+
+    def _listen_connection(self) -> psycopg.Connection[Any]:
+        conninfo, kwargs = self._pool.conninfo, self._pool.kwargs or {}
+        if not isinstance(conninfo, str) or not isinstance(kwargs, dict):
+            # Computed per connection (possibly async): nothing a plain thread can call.
+            raise EffectStoreError("the pool's conninfo is dynamic; waiting by polling only")
+        kwargs = {key: value for key, value in kwargs.items() if key != "autocommit"}
+        return psycopg.connect(conninfo, autocommit=True, **kwargs)
+
+    def close(self) -> None:
+        """Stop listening (the pool is the caller's to close)."""
+        if self._listener is not None:
+            self._listener.stop()
 
 
 async def _fetchone(
