@@ -27,8 +27,12 @@ MAX_DEPTH = 100
 _escape = json.encoder.encode_basestring
 
 
-def check_json(value: Any, field: str, depth: int = 0) -> None:
-    """Raise a validation error naming the path of the first value that is not plain JSON."""
+def check_json(value: Any, field: str, depth: int = 0, *, hashed: bool = True) -> None:
+    """Raise a validation error naming the path of the first value that is not plain JSON.
+
+    ``hashed``: the value goes into a key, so integers must be exact as doubles; results are
+    stored, not hashed, and may hold any integer (a 64-bit message id, say).
+    """
     if depth > MAX_DEPTH:
         raise EffectLedgerValidationError(
             f"nested deeper than {MAX_DEPTH} levels (or contains itself)", field=field
@@ -38,7 +42,7 @@ def check_json(value: Any, field: str, depth: int = 0) -> None:
             _check_str(value, field)
         return
     if isinstance(value, int):
-        if abs(value) > MAX_SAFE_INTEGER:
+        if hashed and abs(value) > MAX_SAFE_INTEGER:
             raise EffectLedgerValidationError(
                 f"integer {value} is outside +/-(2**53-1) and cannot be canonicalised exactly",
                 field=field,
@@ -55,11 +59,11 @@ def check_json(value: Any, field: str, depth: int = 0) -> None:
                     f"object keys must be strings, got {type(key).__name__} {key!r}", field=field
                 )
             _check_str(key, field)
-            check_json(item, f"{field}.{key}", depth + 1)
+            check_json(item, f"{field}.{key}", depth + 1, hashed=hashed)
         return
     if isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            check_json(item, f"{field}[{index}]", depth + 1)
+            check_json(item, f"{field}[{index}]", depth + 1, hashed=hashed)
         return
     raise EffectLedgerValidationError(
         f"{type(value).__name__} is not JSON (use str, int, float, bool, None, list or dict)",

@@ -403,7 +403,7 @@ async def _await(value: Awaitable[Any]) -> Any:
 
 def _json_copy(value: Any, field: str) -> Any:
     """A plain-JSON copy, so a fresh run returns exactly what a replay will."""
-    keys.check_json(value, field)
+    keys.check_json(value, field, hashed=False)
     # check_json accepts any Mapping; json.dumps only knows dict, so convert the others.
     return json.loads(json.dumps(value, default=dict))
 

@@ -72,7 +72,9 @@ def _strict(cls: type[_T]) -> type[_T]:
     return cls
 
 
-def _require_str(value: object, field: str, *, optional: bool = False) -> None:
+def _require_str(
+    value: object, field: str, *, optional: bool = False, separator: str | None = None
+) -> None:
     if value is None and optional:
         return
     if not isinstance(value, str):
@@ -84,6 +86,11 @@ def _require_str(value: object, field: str, *, optional: bool = False) -> None:
     if len(value) > MAX_NAME_LENGTH:
         raise EffectLedgerValidationError(
             f"must be at most {MAX_NAME_LENGTH} characters, got {len(value)}", field=field
+        )
+    if separator is not None and separator in value:
+        # Key parts are joined with a separator: ("a|b", "c") and ("a", "b|c") would collide.
+        raise EffectLedgerValidationError(
+            f"must not contain {separator!r}, a separator of the idempotency key", field=field
         )
 
 
@@ -127,8 +134,8 @@ class ResourceDescriptor:
     id: Mapping[str, Any]
 
     def __post_init__(self) -> None:
-        _require_str(self.namespace, "resource.namespace")
-        _require_str(self.type, "resource.type")
+        _require_str(self.namespace, "resource.namespace", separator="/")
+        _require_str(self.type, "resource.type", separator="/")
         if not isinstance(self.id, Mapping) or not self.id:
             raise EffectLedgerValidationError("must be a non-empty dict", field="resource.id")
 
@@ -144,8 +151,8 @@ class ToolCall:
     idempotency_keys: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
-        _require_str(self.workflow_id, "workflow_id")
-        _require_str(self.tool, "tool")
+        _require_str(self.workflow_id, "workflow_id", separator="|")
+        _require_str(self.tool, "tool", separator="|")
         _require_str(self.call_id, "call_id", optional=True)
         if not isinstance(self.args, Mapping):
             raise EffectLedgerValidationError(

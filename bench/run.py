@@ -226,6 +226,12 @@ WHERE schemaname = %s
 """
 
 
+LINGERING_SQL = """
+SELECT pid, state, backend_start, left(query, 80) FROM pg_stat_activity
+WHERE application_name = %s
+"""
+
+
 async def _rows_written(target: Target) -> int:
     """Rows inserted, updated or deleted in the target's tables, by the server's counters.
 
@@ -241,6 +247,13 @@ async def _rows_written(target: Target) -> int:
             if (await cursor.fetchone()) == (0,):
                 break
             await asyncio.sleep(0.05)
+        else:
+            cursor = await conn.execute(LINGERING_SQL, (app,))
+            print(
+                f"== {target.name}: connections still open 10 s after close (rows written may "
+                f"be undercounted): {await cursor.fetchall()}",
+                file=sys.stderr,
+            )
         value = previous = -1
         for _ in range(50):
             row = await (await conn.execute(ROWS_WRITTEN_SQL, (target.schema,))).fetchone()

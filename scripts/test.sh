@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole test suite: lint, then every test on SQLite and again on PostgreSQL.
+# The whole test suite: lint and type check, then every test on SQLite and again on PostgreSQL.
 # PostgreSQL is required: an unreachable server is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +32,8 @@ fi
 echo "== ruff"
 "$VENV/bin/ruff" check agent_ledger tests example_project
 "$VENV/bin/ruff" format --check agent_ledger tests example_project
+echo "== mypy"
+"$VENV/bin/mypy"
 
 status=0
 echo "== pytest on SQLite"

@@ -497,3 +497,23 @@ async def test_store_that_is_not_a_store() -> None:
             return None
 
     refused("store", lambda: EffectLedgerOptions(store=NotAStore()))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (lambda: ToolCall(workflow_id="a|b", tool="c", args={}), "workflow_id"),
+        (lambda: ToolCall(workflow_id="a", tool="b|c", args={}), "tool"),
+        (
+            lambda: ResourceDescriptor(namespace="gh/x", type="issue", id={"n": 1}),
+            "resource.namespace",
+        ),
+        (lambda: ResourceDescriptor(namespace="gh", type="is/sue", id={"n": 1}), "resource.type"),
+    ],
+)
+def test_key_separators_are_refused_so_parts_cannot_collide(
+    build: Callable[[], object], field: str
+) -> None:
+    with pytest.raises(EffectLedgerValidationError) as info:
+        build()
+    assert info.value.field == field

@@ -16,6 +16,7 @@ from agent_ledger import (
     EffectFailedError,
     EffectLedger,
     EffectStatus,
+    ToolCall,
 )
 
 from .helpers import Calls, checked_history, make_call, never_called
@@ -245,3 +246,12 @@ async def test_same_args_in_another_workflow_or_tool_run_again(ledger: EffectLed
     await ledger.run(make_call(workflow_id="wf-1", tool="mail.draft"), calls.async_handler)
 
     assert calls.count == 3
+
+
+async def test_results_may_hold_integers_beyond_double_precision(ledger: EffectLedger) -> None:
+    """Only hashed args need JCS-exact numbers; a stored result keeps a 64-bit id intact."""
+    big = 2**63 - 1
+    call = ToolCall(workflow_id="wf-bigint", tool="chat.post", args={"text": "hi"})
+    first = await ledger.run(call, lambda effect: {"message_id": big})
+    again = await ledger.run(call, lambda effect: {"message_id": 0})
+    assert first == again == {"message_id": big}
