@@ -9,6 +9,7 @@ fast on a large table: no full ``COUNT(*)``, no facet counts, no full-table ``DI
 from __future__ import annotations
 
 import json
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -19,7 +20,7 @@ from django.contrib.auth import get_permission_codename
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connections
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
@@ -37,6 +38,9 @@ from .types import Actor
 
 #: Longest JSON text the detail page shows in full; larger values are cut with a note.
 JSON_DISPLAY_LIMIT = 50_000
+
+
+_IDEM_KEY = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class CappedCountPaginator(Paginator):  # type: ignore[type-arg]
@@ -172,6 +176,21 @@ class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     # Exact and prefix lookups only: each can use an index, none scans the table with LIKE %x%.
     search_fields = ("=idem_key", "=workflow_id", "^tool", "=call_id")
     search_help_text = _("Exact idempotency key, workflow id or call id, or the start of a tool.")
+
+    def get_search_results(
+        self, request: HttpRequest, queryset: QuerySet[Effect], search_term: str
+    ) -> tuple[QuerySet[Effect], bool]:
+        """Case-sensitive lookups the indexes can serve (the admin's ``=field`` means
+        ``iexact``, which scans a million-row table), and an idempotency key alone when the
+        term is one, so that search is a single unique-index probe."""
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        if _IDEM_KEY.fullmatch(term):
+            return queryset.filter(idem_key=term.lower()), False
+        matches = Q(workflow_id=term) | Q(call_id=term) | Q(tool__startswith=term)
+        return queryset.filter(matches), False
+
     # Sorting by other columns would sort the whole (filtered) table for one page.
     sortable_by = ("created_at",)
     show_full_result_count = False

@@ -116,6 +116,7 @@ def test_tool_filter_is_bounded(viewer: Client, monkeypatch: pytest.MonkeyPatch)
     ("field", "term", "matches"),
     [
         ("idem_key", "exact", True),
+        ("idem_key", "upper", True),
         ("idem_key", "prefix", False),
         ("workflow_id", "exact", True),
         ("call_id", "exact", True),
@@ -129,7 +130,9 @@ def test_search_uses_exact_or_prefix_lookups(
     target = make_effect(workflow_id="order-7731", tool="stripe.charge", call_id="call-xyz-1")
     make_effect(workflow_id="other", tool="email.send", call_id="call-other")
     value = getattr(target, field)
-    query = {"exact": value, "prefix": value[:5], "middle": value[2:7]}[term]
+    query = {"exact": value, "upper": value.upper(), "prefix": value[:5], "middle": value[2:7]}[
+        term
+    ]
     response = viewer.get(reverse(CHANGELIST), {"q": query})
     found = [e.pk for e in response.context["cl"].result_list]
     assert found == ([target.pk] if matches else [])

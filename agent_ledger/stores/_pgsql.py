@@ -17,6 +17,12 @@ effect, an outcome or a history row: creations and outcomes keep the server's se
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from ..types import Effect, EffectError, EffectStatus
 from .base import CHANNEL
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "HISTORY_OF",
     "LOCK_BY_KEY",
     "TRANSITION",
+    "effect_from_row",
 ]
 
 COLUMNS = (
@@ -156,3 +163,35 @@ HISTORY_OF = """
 SELECT effect_id, from_status, to_status, at, actor_label, actor_user_id, actor_name, reason
 FROM agent_ledger_effecttransition WHERE effect_id = %s ORDER BY at, id
 """
+
+
+def effect_from_row(row: Mapping[str, Any]) -> Effect:
+    """An ``Effect`` from a row of ``COLUMNS``, as psycopg or Django's cursor returns it."""
+    completed_at = row["completed_at"]
+    return Effect(
+        id=str(row["id"]),
+        idem_key=row["idem_key"],
+        workflow_id=row["workflow_id"],
+        call_id=row["call_id"],
+        tool=row["tool"],
+        status=EffectStatus(row["status"]),
+        args_canonical=row["args_canonical"],
+        resource_id_canonical=row["resource_id_canonical"],
+        dedup_count=row["dedup_count"],
+        created_at=utc(row["created_at"]),
+        updated_at=utc(row["updated_at"]),
+        result=_json(row["result"]),
+        error=EffectError.from_dict(_json(row["error"])),
+        completed_at=None if completed_at is None else utc(completed_at),
+        fence=row["fence"],
+    )
+
+
+def utc(value: datetime) -> datetime:
+    """In UTC whatever the session's TimeZone, like the other stores' timestamps."""
+    return value.astimezone(timezone.utc)
+
+
+def _json(value: Any) -> Any:
+    # Django's connections load jsonb as text (JSONField parses it); psycopg's parse it.
+    return json.loads(value) if isinstance(value, str) else value

@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import threading
 import time
+import uuid
 from collections.abc import Collection
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -168,6 +169,14 @@ class ChangeNotifier:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def parse_uuid(value: str) -> uuid.UUID | None:
+    """Ids that are not UUIDs cannot name an effect: unknown, not an error, for every store."""
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
 
 
 def claimable(effect: Effect, *, stale_after_ms: float, now: datetime) -> bool:

@@ -21,7 +21,6 @@ Clocks: ``created_at``/``updated_at`` are written with ``Now()`` and staleness i
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import threading
@@ -62,7 +61,14 @@ from ..types import (
 )
 from . import _pgsql as pgsql
 from ._listen import Listener
-from .base import BeginRecord, ChangeNotifier, NewEffect, TransitionRecord, claimable
+from .base import (
+    BeginRecord,
+    ChangeNotifier,
+    NewEffect,
+    TransitionRecord,
+    claimable,
+    parse_uuid,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -209,7 +215,7 @@ class DjangoStore:
                         break
                 else:
                     raise EffectStoreError(f"key {new.idem_key} vanished", operation="begin")
-            effect = _effect_from_sql(found)
+            effect = pgsql.effect_from_row(found)
             if found["created"]:
                 _announce(using, effect, None, new.actor)
             return BeginRecord(effect, created=found["created"])
@@ -247,7 +253,7 @@ class DjangoStore:
         return BeginRecord(effect, created=True)
 
     def get_sync(self, effect_id: str) -> Effect | None:
-        pk = _uuid(effect_id)
+        pk = parse_uuid(effect_id)
         if pk is None:
             return None
         with _store_errors("get"):
@@ -262,7 +268,7 @@ class DjangoStore:
     def commit_sync(
         self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
     ) -> Effect | None:
-        pk = _uuid(effect_id)
+        pk = parse_uuid(effect_id)
         if pk is None:
             return None
         using = self.using
@@ -291,7 +297,7 @@ class DjangoStore:
                 committed = _fetch(using, query, params)
             if committed is None:
                 return None
-            effect = _effect_from_sql(committed)
+            effect = pgsql.effect_from_row(committed)
             _announce(using, effect, EffectStatus.PROCESSING, actor)
             return effect
         with _store_errors("commit"), transaction.atomic(using=using):
@@ -348,7 +354,7 @@ class DjangoStore:
         return TransitionRecord(effect, changed=True)
 
     def claim_sync(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
-        pk = _uuid(effect_id)
+        pk = parse_uuid(effect_id)
         if pk is None:
             return None
         using = self.using
@@ -388,7 +394,7 @@ class DjangoStore:
         return effect
 
     def history_sync(self, effect_id: str) -> list[Transition]:
-        pk = _uuid(effect_id)
+        pk = parse_uuid(effect_id)
         if pk is None:
             return []
         with _store_errors("history"):
@@ -674,28 +680,6 @@ def _fetch(using: str, query: str, params: dict[str, Any]) -> dict[str, Any] | N
         return {column.name: value for column, value in zip(cursor.description, row, strict=True)}
 
 
-def _effect_from_sql(row: dict[str, Any]) -> Effect:
-    # Django loads jsonb as text (JSONField parses it); raw cursors get that text.
-    result, error = row["result"], row["error"]
-    return Effect(
-        id=str(row["id"]),
-        idem_key=row["idem_key"],
-        workflow_id=row["workflow_id"],
-        call_id=row["call_id"],
-        tool=row["tool"],
-        status=EffectStatus(row["status"]),
-        args_canonical=row["args_canonical"],
-        resource_id_canonical=row["resource_id_canonical"],
-        dedup_count=row["dedup_count"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        result=json.loads(result) if isinstance(result, str) else result,
-        error=EffectError.from_dict(json.loads(error) if isinstance(error, str) else error),
-        completed_at=row["completed_at"],
-        fence=row["fence"],
-    )
-
-
 def _actor_params(actor: Actor, user_id: Any) -> dict[str, Any]:
     return {"actor_label": actor.label, "actor_user_id": user_id, "actor_name": actor.name or ""}
 
@@ -727,14 +711,6 @@ def _stop_listening() -> None:
         _listeners.clear()
     for listener in listeners:
         listener.stop()
-
-
-def _uuid(value: str) -> uuid.UUID | None:
-    """Ids that are not UUIDs cannot name an effect; treat them as unknown, not as errors."""
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        return None
 
 
 def _user_id(actor: Actor) -> Any:

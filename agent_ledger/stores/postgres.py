@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Coroutine, Mapping
 from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
@@ -52,7 +52,7 @@ from ..types import (
 )
 from . import _pgsql as sql
 from ._listen import Listener
-from .base import BeginRecord, ChangeNotifier, NewEffect, TransitionRecord
+from .base import BeginRecord, ChangeNotifier, NewEffect, TransitionRecord, parse_uuid
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -264,7 +264,7 @@ class PostgresStore:
                     f"after {_BEGIN_ATTEMPTS} attempts",
                     operation="begin",
                 )
-        effect = _effect(row)
+        effect = sql.effect_from_row(row)
         if row["created"]:
             self._changed(effect.id)
         return BeginRecord(effect, created=row["created"])
@@ -272,7 +272,7 @@ class PostgresStore:
     async def _commit(
         self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
     ) -> Effect | None:
-        pk = _uuid(effect_id)
+        pk = parse_uuid(effect_id)
         if pk is None:
             return None
         if isinstance(outcome, CommitSucceeded):
@@ -295,7 +295,7 @@ class PostgresStore:
         if row is None:
             return None
         self._changed(effect_id)
-        return _effect(row)
+        return sql.effect_from_row(row)
 
     async def _transition(
         self,
@@ -316,7 +316,7 @@ class PostgresStore:
             row = await _fetchone(conn, sql.LOCK_BY_KEY, (idem_key,))
             if row is None:
                 raise EffectNotFoundError(idem_key)
-            current = _effect(row)
+            current = sql.effect_from_row(row)
             if current.status not in allowed:
                 return TransitionRecord(current, changed=False)
             row = await _fetchone(
@@ -335,12 +335,12 @@ class PostgresStore:
         if row is None:  # pragma: no cover - the row is locked and was just read
             raise EffectStoreError("locked row vanished", operation="transition")
         self._changed(current.id)
-        return TransitionRecord(_effect(row), changed=True)
+        return TransitionRecord(sql.effect_from_row(row), changed=True)
 
     async def _claim(
         self, effect_id: str, *, stale_after_ms: float, actor: Actor, requested: float
     ) -> Effect | None:
-        pk = _uuid(effect_id)
+        pk = parse_uuid(effect_id)
         if pk is None:
             return None
         stale = None
@@ -356,25 +356,25 @@ class PostgresStore:
         if row is None:
             return None
         self._changed(effect_id)
-        return _effect(row)
+        return sql.effect_from_row(row)
 
     # -- reads ---------------------------------------------------------------------------------
 
     async def _get(self, effect_id: str) -> Effect | None:
-        pk = _uuid(effect_id)
+        pk = parse_uuid(effect_id)
         if pk is None:
             return None
         async with self._connection("get") as conn:
             row = await _fetchone(conn, sql.GET, (pk,))
-        return None if row is None else _effect(row)
+        return None if row is None else sql.effect_from_row(row)
 
     async def _get_by_idem_key(self, idem_key: str) -> Effect | None:
         async with self._connection("get_by_idem_key") as conn:
             row = await _fetchone(conn, sql.GET_BY_KEY, (idem_key,))
-        return None if row is None else _effect(row)
+        return None if row is None else sql.effect_from_row(row)
 
     async def _history(self, effect_id: str) -> list[Transition]:
-        pk = _uuid(effect_id)
+        pk = parse_uuid(effect_id)
         if pk is None:
             return []
         async with self._connection("history") as conn:
@@ -386,7 +386,7 @@ class PostgresStore:
                 effect_id=str(row["effect_id"]),
                 from_status=EffectStatus(row["from_status"]) if row["from_status"] else None,
                 to_status=EffectStatus(row["to_status"]),
-                at=_utc(row["at"]),
+                at=sql.utc(row["at"]),
                 actor=Actor(row["actor_label"], row["actor_user_id"], row["actor_name"]),
                 reason=row["reason"],
             )
@@ -457,43 +457,10 @@ async def _fetchone(
     return await cursor.fetchone()
 
 
-def _effect(row: Mapping[str, Any]) -> Effect:
-    return Effect(
-        id=str(row["id"]),
-        idem_key=row["idem_key"],
-        workflow_id=row["workflow_id"],
-        call_id=row["call_id"],
-        tool=row["tool"],
-        status=EffectStatus(row["status"]),
-        args_canonical=row["args_canonical"],
-        resource_id_canonical=row["resource_id_canonical"],
-        dedup_count=row["dedup_count"],
-        created_at=_utc(row["created_at"]),
-        updated_at=_utc(row["updated_at"]),
-        result=row["result"],
-        error=EffectError.from_dict(row["error"]),
-        completed_at=None if row["completed_at"] is None else _utc(row["completed_at"]),
-        fence=row["fence"],
-    )
-
-
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
-        return None
-
-
-def _utc(value: datetime) -> datetime:
-    """In UTC whatever the session's TimeZone, like the other stores' timestamps."""
-    return value.astimezone(timezone.utc)
-
-
-def _uuid(value: str) -> uuid.UUID | None:
-    """Ids that are not UUIDs cannot name an effect; treat them as unknown, not as errors."""
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
         return None
 
 
