@@ -309,10 +309,17 @@ class EffectLedger:
                     raise ApprovalPendingError(effect.idem_key, concurrency.wait_timeout_ms)
                 raise EffectTimeoutError(effect.idem_key, concurrency.wait_timeout_ms)
             jitter = 1 + concurrency.jitter_factor * (2 * random.random() - 1)
-            await self.store.wait_for_change(effect.id, min(remaining, interval * jitter), since)
+            changed = await self.store.wait_for_change(
+                effect.id, min(remaining, interval * jitter), since
+            )
             interval = min(
                 interval * concurrency.backoff_multiplier, concurrency.max_interval_ms / 1000
             )
+            if changed is not None and changed.id == effect.id and changed.is_terminal:
+                # Terminal states never change again, so the state the store handed over is
+                # the truth: no re-read. Anything else is re-read (it may be outdated).
+                effect = changed
+                continue
             since = time.monotonic()
             current = await self.store.get(effect.id)
             if current is None:

@@ -144,9 +144,12 @@ async def test_wait_for_change_returns_at_once_for_a_change_after_since() -> Non
     await store.commit(record.effect.id, CommitSucceeded(1), fence=None, actor=SYSTEM)
 
     started = time.monotonic()
-    await store.wait_for_change(record.effect.id, 10.0, since)
+    changed = await store.wait_for_change(record.effect.id, 10.0, since)
 
     assert time.monotonic() - started < 5.0
+    # The committed state comes with the wake-up, so a waiter need not read it again.
+    assert changed is not None
+    assert (changed.status, changed.result) == (EffectStatus.SUCCEEDED, 1)
 
 
 async def test_wait_for_change_times_out_without_a_change() -> None:

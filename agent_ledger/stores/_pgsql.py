@@ -165,9 +165,14 @@ FROM agent_ledger_effecttransition WHERE effect_id = %s ORDER BY at, id
 """
 
 
-def effect_from_row(row: Mapping[str, Any]) -> Effect:
-    """An ``Effect`` from a row of ``COLUMNS``, as psycopg or Django's cursor returns it."""
+def effect_from_row(row: Mapping[str, Any], *, json_as_text: bool = False) -> Effect:
+    """An ``Effect`` from a row of ``COLUMNS``. ``json_as_text``: the connection hands jsonb
+    over unparsed (Django's do: JSONField parses it), so parse ``result`` and ``error`` here."""
     completed_at = row["completed_at"]
+    result, error = row["result"], row["error"]
+    if json_as_text:
+        result = None if result is None else json.loads(result)
+        error = None if error is None else json.loads(error)
     return Effect(
         id=str(row["id"]),
         idem_key=row["idem_key"],
@@ -180,8 +185,8 @@ def effect_from_row(row: Mapping[str, Any]) -> Effect:
         dedup_count=row["dedup_count"],
         created_at=utc(row["created_at"]),
         updated_at=utc(row["updated_at"]),
-        result=_json(row["result"]),
-        error=EffectError.from_dict(_json(row["error"])),
+        result=result,
+        error=EffectError.from_dict(error),
         completed_at=None if completed_at is None else utc(completed_at),
         fence=row["fence"],
     )
@@ -190,8 +195,3 @@ def effect_from_row(row: Mapping[str, Any]) -> Effect:
 def utc(value: datetime) -> datetime:
     """In UTC whatever the session's TimeZone, like the other stores' timestamps."""
     return value.astimezone(timezone.utc)
-
-
-def _json(value: Any) -> Any:
-    # Django's connections load jsonb as text (JSONField parses it); psycopg's parse it.
-    return json.loads(value) if isinstance(value, str) else value

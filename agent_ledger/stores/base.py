@@ -101,13 +101,16 @@ class EffectStore(Protocol):
         """The effect's transitions, oldest first."""
         ...
 
-    async def wait_for_change(self, effect_id: str, timeout_s: float, since: float) -> None:
+    async def wait_for_change(
+        self, effect_id: str, timeout_s: float, since: float
+    ) -> Effect | None:
         """Return once the effect may have changed after ``since`` (a ``time.monotonic()``
         taken before the caller last read it), or after ``timeout_s``.
 
-        Sleeping is always correct (see ``PollingMixin``); stores that can hear commits
-        (LISTEN/NOTIFY, in-process events; see ``ChangeNotifier``) return early so waiters
-        learn of results at once.
+        Returns the effect's new state when the store knows it (a change committed in this
+        process), else None and the caller re-reads. Sleeping is always correct (see
+        ``PollingMixin``); stores that can hear commits (LISTEN/NOTIFY, in-process events; see
+        ``ChangeNotifier``) return early so waiters learn of results at once.
         """
         ...
 
@@ -115,8 +118,11 @@ class EffectStore(Protocol):
 class PollingMixin:
     """``wait_for_change`` for stores that cannot be told of changes: just sleep."""
 
-    async def wait_for_change(self, effect_id: str, timeout_s: float, since: float) -> None:
+    async def wait_for_change(
+        self, effect_id: str, timeout_s: float, since: float
+    ) -> Effect | None:
         await asyncio.sleep(timeout_s)
+        return None
 
 
 class ChangeNotifier:
@@ -130,33 +136,37 @@ class ChangeNotifier:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiters: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
-        self._changed: dict[str, float] = {}
+        self._waiters: dict[
+            str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Effect | None]]]
+        ] = {}
+        self._changed: dict[str, tuple[float, Effect | None]] = {}
 
-    def notify(self, effect_id: str) -> None:
+    def notify(self, effect_id: str, effect: Effect | None = None) -> None:
+        """``effect``: the committed state, when the notifier's caller has it."""
         now = time.monotonic()
         with self._lock:
-            self._changed[effect_id] = now
+            self._changed[effect_id] = (now, effect)
             if len(self._changed) > 10_000:
                 cutoff = now - self._REMEMBER_S
-                self._changed = {k: t for k, t in self._changed.items() if t >= cutoff}
+                self._changed = {k: v for k, v in self._changed.items() if v[0] >= cutoff}
             waiters = self._waiters.pop(effect_id, [])
         for loop, future in waiters:
             if not loop.is_closed():
-                loop.call_soon_threadsafe(_resolve, future)
+                loop.call_soon_threadsafe(_resolve, future, effect)
 
-    async def wait(self, effect_id: str, timeout_s: float, since: float) -> None:
+    async def wait(self, effect_id: str, timeout_s: float, since: float) -> Effect | None:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
+        future: asyncio.Future[Effect | None] = loop.create_future()
         entry = (loop, future)
         with self._lock:
-            if self._changed.get(effect_id, float("-inf")) >= since:
-                return
+            at, effect = self._changed.get(effect_id, (float("-inf"), None))
+            if at >= since:
+                return effect
             self._waiters.setdefault(effect_id, []).append(entry)
         try:
-            await asyncio.wait_for(future, timeout_s)
+            return await asyncio.wait_for(future, timeout_s)
         except asyncio.TimeoutError:
-            pass
+            return None
         finally:
             with self._lock:
                 waiters = self._waiters.get(effect_id)
@@ -166,9 +176,9 @@ class ChangeNotifier:
                         del self._waiters[effect_id]
 
 
-def _resolve(future: asyncio.Future[None]) -> None:
+def _resolve(future: asyncio.Future[Effect | None], effect: Effect | None) -> None:
     if not future.done():
-        future.set_result(None)
+        future.set_result(effect)
 
 
 def parse_uuid(value: str) -> uuid.UUID | None:

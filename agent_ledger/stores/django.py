@@ -184,9 +184,11 @@ class DjangoStore:
     async def history(self, effect_id: str) -> list[Transition]:
         return await self._in_thread(self.history_sync, effect_id)
 
-    async def wait_for_change(self, effect_id: str, timeout_s: float, since: float) -> None:
+    async def wait_for_change(
+        self, effect_id: str, timeout_s: float, since: float
+    ) -> Effect | None:
         _listen(self.using)
-        await _notifier.wait(effect_id, timeout_s, since)
+        return await _notifier.wait(effect_id, timeout_s, since)
 
     # -- sync twins: the ORM code ---------------------------------------------------------------
 
@@ -215,7 +217,7 @@ class DjangoStore:
                         break
                 else:
                     raise EffectStoreError(f"key {new.idem_key} vanished", operation="begin")
-            effect = pgsql.effect_from_row(found)
+            effect = pgsql.effect_from_row(found, json_as_text=True)
             if found["created"]:
                 _announce(using, effect, None, new.actor)
             return BeginRecord(effect, created=found["created"])
@@ -297,7 +299,7 @@ class DjangoStore:
                 committed = _fetch(using, query, params)
             if committed is None:
                 return None
-            effect = pgsql.effect_from_row(committed)
+            effect = pgsql.effect_from_row(committed, json_as_text=True)
             _announce(using, effect, EffectStatus.PROCESSING, actor)
             return effect
         with _store_errors("commit"), transaction.atomic(using=using):
@@ -634,7 +636,7 @@ def _record(
 
 def _announce(using: str, effect: Effect, from_status: EffectStatus | None, actor: Actor) -> None:
     """Once the change commits: wake this process's waiters and send the status's signal."""
-    transaction.on_commit(lambda: _notifier.notify(effect.id), using=using)
+    transaction.on_commit(lambda: _notifier.notify(effect.id, effect), using=using)
     signal = _SIGNALS.get(effect.status) if from_status is not effect.status else None
     if signal is not None:
         transaction.on_commit(lambda: _send(signal, effect, actor), using=using)

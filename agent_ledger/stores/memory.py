@@ -85,7 +85,7 @@ class MemoryStore:
             updated = dataclasses.replace(effect, updated_at=now, completed_at=now, **changes)
             self._by_id[effect_id] = updated
             self._record(updated, effect.status, actor, None)
-        self._wake(effect_id)
+        self._notifier.notify(effect_id, updated)
         return updated
 
     async def transition(
@@ -116,7 +116,7 @@ class MemoryStore:
             )
             self._by_id[effect_id] = updated
             self._record(updated, effect.status, actor, reason)
-        self._wake(effect_id)
+        self._notifier.notify(effect_id, updated)
         return TransitionRecord(updated, changed=True)
 
     async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
@@ -131,7 +131,7 @@ class MemoryStore:
             )
             self._by_id[effect_id] = claimed
             self._record(claimed, effect.status, actor, reason)
-        self._wake(effect_id)
+        self._notifier.notify(effect_id, claimed)
         return claimed
 
     # -- reads ---------------------------------------------------------------------------------
@@ -149,10 +149,12 @@ class MemoryStore:
         with self._lock:
             return list(self._history.get(effect_id, ()))
 
-    async def wait_for_change(self, effect_id: str, timeout_s: float, since: float) -> None:
-        await self._notifier.wait(effect_id, timeout_s, since)
+    async def wait_for_change(
+        self, effect_id: str, timeout_s: float, since: float
+    ) -> Effect | None:
+        return await self._notifier.wait(effect_id, timeout_s, since)
 
-    # -- helpers (call with the lock held, except _wake) -------------------------------------
+    # -- helpers (call with the lock held) ------------------------------------------------------
 
     def _record(
         self, effect: Effect, from_status: EffectStatus | None, actor: Actor, reason: str | None
@@ -160,6 +162,3 @@ class MemoryStore:
         self._history[effect.id].append(
             Transition(effect.id, from_status, effect.status, effect.updated_at, actor, reason)
         )
-
-    def _wake(self, effect_id: str) -> None:
-        self._notifier.notify(effect_id)

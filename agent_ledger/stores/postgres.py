@@ -266,7 +266,7 @@ class PostgresStore:
                 )
         effect = sql.effect_from_row(row)
         if row["created"]:
-            self._changed(effect.id)
+            self._changed(effect)
         return BeginRecord(effect, created=row["created"])
 
     async def _commit(
@@ -294,8 +294,9 @@ class PostgresStore:
             row = await _fetchone(conn, query, params)
         if row is None:
             return None
-        self._changed(effect_id)
-        return sql.effect_from_row(row)
+        effect = sql.effect_from_row(row)
+        self._changed(effect)
+        return effect
 
     async def _transition(
         self,
@@ -334,8 +335,9 @@ class PostgresStore:
             )
         if row is None:  # pragma: no cover - the row is locked and was just read
             raise EffectStoreError("locked row vanished", operation="transition")
-        self._changed(current.id)
-        return TransitionRecord(sql.effect_from_row(row), changed=True)
+        effect = sql.effect_from_row(row)
+        self._changed(effect)
+        return TransitionRecord(effect, changed=True)
 
     async def _claim(
         self, effect_id: str, *, stale_after_ms: float, actor: Actor, requested: float
@@ -355,8 +357,9 @@ class PostgresStore:
             row = await _fetchone(conn, sql.CLAIM, params)
         if row is None:
             return None
-        self._changed(effect_id)
-        return sql.effect_from_row(row)
+        effect = sql.effect_from_row(row)
+        self._changed(effect)
+        return effect
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -425,15 +428,17 @@ class PostgresStore:
         except _DRIVER_ERRORS as exc:
             raise EffectStoreError(f"{type(exc).__name__}: {exc}", operation=operation) from exc
 
-    def _changed(self, effect_id: str) -> None:
-        """A write to ``effect_id`` committed: wake this process's waiters without waiting for
-        the notification's round trip through the server (other processes get that)."""
-        self._notifier.notify(effect_id)
+    def _changed(self, effect: Effect) -> None:
+        """A write committed: wake this process's waiters with the new state, without waiting
+        for the notification's round trip through the server (other processes get that)."""
+        self._notifier.notify(effect.id, effect)
 
-    async def wait_for_change(self, effect_id: str, timeout_s: float, since: float) -> None:
+    async def wait_for_change(
+        self, effect_id: str, timeout_s: float, since: float
+    ) -> Effect | None:
         if self._listener is not None:
             self._listener.start()
-        await self._notifier.wait(effect_id, timeout_s, since)
+        return await self._notifier.wait(effect_id, timeout_s, since)
 
     def _listen_connection(self) -> psycopg.Connection[Any]:
         conninfo, kwargs = self._pool.conninfo, self._pool.kwargs or {}
