@@ -21,3 +21,6 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check agent_ledger tests example_project
 	$(VENV)/bin/ruff format --check agent_ledger tests example_project
+
+bench: install
+	$(VENV)/bin/python bench/run.py
