@@ -220,23 +220,8 @@ class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         (_("Call"), {"fields": ("args_json", "resource_json")}),
         (_("Outcome"), {"fields": ("result_json", "error_json")}),
     )
-    readonly_fields = (
-        "status_badge",
-        "workflow_id",
-        "tool",
-        "call_id",
-        "idem_key",
-        "dedup_count",
-        "fence",
-        "created_at",
-        "updated_at",
-        "completed_at",
-        "duration",
-        "args_json",
-        "resource_json",
-        "result_json",
-        "error_json",
-    )
+    # Everything shown is read-only: nobody edits args, results or status by hand.
+    readonly_fields = tuple(str(name) for _, options in fieldsets for name in options["fields"])
 
     class Media:
         css = {"all": ("agent_ledger/admin.css",)}

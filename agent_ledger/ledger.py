@@ -261,20 +261,21 @@ class EffectLedger:
                 effect.id, CommitFailed(error), fence=effect.fence, actor=SYSTEM
             )
             if committed is None:
-                since = time.monotonic()
-                current = await self.store.get(effect.id)
-                return await self._settle(current or effect, None, options, since)
+                return await self._follow(effect, options)
             raise EffectFailedError(effect.idem_key, error) from exc
         committed = await self.store.commit(
             effect.id, CommitSucceeded(result), fence=effect.fence, actor=SYSTEM
         )
         if committed is None:
-            # We lost the effect (stale takeover or cancel) while the handler ran: report the
-            # outcome the ledger holds, so every caller of the key sees the same answer.
-            since = time.monotonic()
-            current = await self.store.get(effect.id)
-            return await self._settle(current or effect, None, options, since)
+            return await self._follow(effect, options)
         return committed.result
+
+    async def _follow(self, effect: Effect, options: _Resolved) -> Any:
+        """We lost the effect (stale takeover or cancel) while the handler ran: report the
+        outcome the ledger holds, so every caller of the key sees the same answer."""
+        since = time.monotonic()
+        current = await self.store.get(effect.id)
+        return await self._settle(current or effect, None, options, since)
 
     async def _settle(
         self, effect: Effect, handler: Handler | None, options: _Resolved, since: float
