@@ -54,12 +54,17 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         )
     secrets = value.get("WEBHOOK_SECRETS", DEFAULTS["WEBHOOK_SECRETS"])
     if not isinstance(secrets, dict) or not all(
-        isinstance(name, str) and name and isinstance(secret, str) and len(secret) >= 16
+        # The name becomes the actor label "webhook:<name>", a 100-character column.
+        isinstance(name, str)
+        and 0 < len(name) <= 90
+        and isinstance(secret, str)
+        and len(secret) >= 16
         for name, secret in secrets.items()
     ):
         errors.append(
             Error(
-                "AGENT_LEDGER['WEBHOOK_SECRETS'] must map names to secrets of 16+ characters.",
+                "AGENT_LEDGER['WEBHOOK_SECRETS'] must map names (1-90 characters) to secrets "
+                "of 16+ characters.",
                 hint='For example {"slack": os.environ["LEDGER_WEBHOOK_SECRET"]}.',
                 id="agent_ledger.E005",
             )

@@ -65,7 +65,9 @@ def test_e004_max_args_size(value: Any) -> None:
     assert ids(AGENT_LEDGER={"MAX_ARGS_SIZE_BYTES": value}) == ["agent_ledger.E004"]
 
 
-@pytest.mark.parametrize("value", [["secret"], {"a": "short"}, {"": "x" * 16}, {"a": 1234}])
+@pytest.mark.parametrize(
+    "value", [["secret"], {"a": "short"}, {"": "x" * 16}, {"a": 1234}, {"n" * 91: "x" * 16}]
+)
 def test_e005_webhook_secrets(value: Any) -> None:
     assert ids(AGENT_LEDGER={"WEBHOOK_SECRETS": value}) == ["agent_ledger.E005"]
 
