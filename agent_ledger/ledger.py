@@ -62,6 +62,9 @@ class EffectLedger:
             )
         self.store = options.store
         self._options = options
+        # A run without options (the common case) shares these instead of rebuilding and
+        # re-validating three option objects on every call.
+        self._defaults = _resolve(options.defaults or RunOptions(), RunOptions())
         # Fences this ledger handed out, so the spec's ``commit(effect_id, outcome)`` is fenced
         # too: an owner that stalled past a takeover is refused without passing anything extra.
         self._fences: OrderedDict[str, int] = OrderedDict()
@@ -230,13 +233,9 @@ class EffectLedger:
             raise EffectLedgerValidationError(
                 f"must be RunOptions, got {type(given).__name__}", field="run_options"
             )
-        defaults = self._options.defaults or RunOptions()
-        given = given or RunOptions()
-        return _Resolved(
-            requires_approval=given.requires_approval or defaults.requires_approval,
-            concurrency=given.concurrency or defaults.concurrency or ConcurrencyOptions(),
-            stale=given.stale or defaults.stale or StaleOptions(),
-        )
+        if given is None:
+            return self._defaults
+        return _resolve(self._options.defaults or RunOptions(), given)
 
     def _remember(self, effect: Effect) -> None:
         self._fences[effect.id] = effect.fence
@@ -393,6 +392,15 @@ class _Resolved:
         self.requires_approval = requires_approval
         self.concurrency = concurrency
         self.stale = stale
+
+
+def _resolve(defaults: RunOptions, given: RunOptions) -> _Resolved:
+    """A call's own option fields win where set; then the ledger's defaults; then the spec's."""
+    return _Resolved(
+        requires_approval=given.requires_approval or defaults.requires_approval,
+        concurrency=given.concurrency or defaults.concurrency or ConcurrencyOptions(),
+        stale=given.stale or defaults.stale or StaleOptions(),
+    )
 
 
 async def _call(handler: Handler, effect: Effect) -> Any:
