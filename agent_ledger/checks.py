@@ -88,6 +88,16 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="agent_ledger.E007",
             )
         )
+    prepare = value.get("PREPARE_STATEMENTS", DEFAULTS["PREPARE_STATEMENTS"])
+    if not isinstance(prepare, bool):
+        errors.append(
+            Error(
+                "AGENT_LEDGER['PREPARE_STATEMENTS'] must be True or False.",
+                hint=f"Got {prepare!r}. Turn it off only behind a pooler that cannot keep "
+                "prepared statements (PgBouncer in transaction mode before 1.21).",
+                id="agent_ledger.E009",
+            )
+        )
     if not settings.USE_TZ:
         errors.append(
             Error(

@@ -10,6 +10,8 @@ Defaults (every key is optional)::
         "ASYNC_THREADS": 16,                # threads (so at most this many connections) that
                                             # DjangoStore's async methods run their queries on;
                                             # read once, when the first async call is made
+        "PREPARE_STATEMENTS": True,         # DjangoStore prepares its PostgreSQL statements;
+                                            # False behind PgBouncer in transaction mode < 1.21
     }
 """
 
@@ -25,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "WEBHOOK_SECRETS": {},
     "WEBHOOK_TOLERANCE_SECONDS": 300,
     "ASYNC_THREADS": 16,
+    "PREPARE_STATEMENTS": True,
 }
 
 

@@ -82,6 +82,11 @@ def test_e007_async_threads(value: Any) -> None:
     assert ids(AGENT_LEDGER={"ASYNC_THREADS": value}) == ["agent_ledger.E007"]
 
 
+@pytest.mark.parametrize("value", [1, 0, "yes", None])
+def test_e009_prepare_statements(value: Any) -> None:
+    assert ids(AGENT_LEDGER={"PREPARE_STATEMENTS": value}) == ["agent_ledger.E009"]
+
+
 def test_e008_use_tz() -> None:
     assert ids(USE_TZ=False) == ["agent_ledger.E008"]
 

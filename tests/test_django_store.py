@@ -640,3 +640,48 @@ async def test_persistent_connections_stay_bounded_by_the_threads(
     assert baseline < await count() <= baseline + 3
     await asyncio.to_thread(django_store.close_connections)
     assert await _settles_at(count, baseline) == baseline
+
+
+# -- prepared statements (PostgreSQL) ----------------------------------------------------------
+
+
+def _ledger_statements_prepared() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s",
+            ["%INSERT INTO agent_ledger_effect%"],
+        )
+        (count,) = cursor.fetchone()
+    return int(count)
+
+
+@on_postgres
+@pytest.mark.django_db(transaction=True)
+def test_begin_and_commit_are_prepared_once_per_connection() -> None:
+    """Django binds parameters on the client, so every call would be parsed and planned anew;
+    the store's own statements are prepared instead, and Django's setting is left as it was."""
+    store = DjangoStore()
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    assert _ledger_statements_prepared() == 0
+    threshold = connection.connection.prepare_threshold
+    for _ in range(3):
+        new = new_effect()
+        assert store.begin_sync(new).created
+        assert store.begin_sync(new_effect(idem_key=new.idem_key)).effect.dedup_count == 1
+    assert _ledger_statements_prepared() == 1
+    assert connection.connection.prepare_threshold == threshold
+
+
+@on_postgres
+@pytest.mark.django_db(transaction=True)
+def test_prepare_statements_off_prepares_nothing() -> None:
+    store = DjangoStore()
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")
+    with override_settings(AGENT_LEDGER={"PREPARE_STATEMENTS": False}):
+        for _ in range(3):
+            new = new_effect()
+            assert store.begin_sync(new).created
+            assert store.begin_sync(new_effect(idem_key=new.idem_key)).effect.dedup_count == 1
+    assert _ledger_statements_prepared() == 0

@@ -675,12 +675,51 @@ def _fast_path(using: str) -> bool:
 
 
 def _fetch(using: str, query: str, params: dict[str, Any]) -> dict[str, Any] | None:
-    with connections[using].cursor() as cursor:
+    with _statement_cursor(using) as cursor:
         cursor.execute(query, params)
         row = cursor.fetchone()
         if row is None:
             return None
         return {column.name: value for column, value in zip(cursor.description, row, strict=True)}
+
+
+def _statement_cursor(using: str) -> Any:
+    """A cursor for the shared statements, still wrapped by Django (its error classes,
+    ``execute_wrapper`` and query logging) but binding parameters on the server and, unless
+    ``AGENT_LEDGER["PREPARE_STATEMENTS"]`` is off, preparing them.
+
+    Django's own cursors bind on the client, so PostgreSQL parses and plans each statement
+    anew: for these CTEs planning costs about as much as running them. A prepared statement is
+    planned once per connection (pooled and persistent connections keep it)."""
+    db = connections[using]
+    if not ledger_settings.PREPARE_STATEMENTS:
+        return db.cursor()
+    db.close_if_health_check_failed()
+    db.ensure_connection()
+    with db.wrap_database_errors:
+        cursor = _prepared_cursor_class()(db.connection)
+        return db.make_debug_cursor(cursor) if db.queries_logged else db.make_cursor(cursor)
+
+
+@functools.cache
+def _prepared_cursor_class() -> type[Any]:
+    # Imported here: SQLite projects need not have psycopg.
+    import psycopg
+
+    class PreparedCursor(psycopg.Cursor[Any]):
+        def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+            # Django turns preparing off on its connections (``prepare_threshold`` None, for
+            # PgBouncer's sake) and psycopg then ignores ``prepare=True``: lift that for this
+            # call only, so the project's own queries keep Django's setting.
+            conn = self.connection
+            threshold = conn.prepare_threshold
+            conn.prepare_threshold = 0 if threshold is None else threshold
+            try:
+                return super().execute(query, params, prepare=True)
+            finally:
+                conn.prepare_threshold = threshold
+
+    return PreparedCursor
 
 
 def _actor_params(actor: Actor, user_id: Any) -> dict[str, Any]:
