@@ -98,6 +98,15 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="agent_ledger.E009",
             )
         )
+    delay = value.get("REPLAY_COUNT_DELAY_SECONDS", DEFAULTS["REPLAY_COUNT_DELAY_SECONDS"])
+    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 60:
+        errors.append(
+            Error(
+                "AGENT_LEDGER['REPLAY_COUNT_DELAY_SECONDS'] must be a number from 0 to 60.",
+                hint=f"Got {delay!r}; the default is 0.1. 0 writes every replay's count at once.",
+                id="agent_ledger.E010",
+            )
+        )
     if not settings.USE_TZ:
         errors.append(
             Error(

@@ -12,6 +12,9 @@ Defaults (every key is optional)::
                                             # read once, when the first async call is made
         "PREPARE_STATEMENTS": True,         # DjangoStore prepares its PostgreSQL statements;
                                             # False behind PgBouncer in transaction mode < 1.21
+        "REPLAY_COUNT_DELAY_SECONDS": 0.1,  # on PostgreSQL, replays of finished effects are
+                                            # counted in the process and written together
+                                            # this often; 0 writes each at once
     }
 """
 
@@ -28,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "WEBHOOK_TOLERANCE_SECONDS": 300,
     "ASYNC_THREADS": 16,
     "PREPARE_STATEMENTS": True,
+    "REPLAY_COUNT_DELAY_SECONDS": 0.1,
 }
 
 

@@ -61,6 +61,7 @@ def test_works_from_a_plain_asyncio_script() -> None:
 
     assert asyncio.run(main()) == [{"sent": "a@example.com"}] * 2
     assert calls == 1
+    close_connections()  # what a script's shutdown does; it also writes held replay counts
     row = EffectRow.objects.get()
     assert (row.status, row.dedup_count) == ("succeeded", 1)
 

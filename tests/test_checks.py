@@ -87,6 +87,11 @@ def test_e009_prepare_statements(value: Any) -> None:
     assert ids(AGENT_LEDGER={"PREPARE_STATEMENTS": value}) == ["agent_ledger.E009"]
 
 
+@pytest.mark.parametrize("value", [-0.1, 61, "0.1", None, True])
+def test_e010_replay_count_delay(value: Any) -> None:
+    assert ids(AGENT_LEDGER={"REPLAY_COUNT_DELAY_SECONDS": value}) == ["agent_ledger.E010"]
+
+
 def test_e008_use_tz() -> None:
     assert ids(USE_TZ=False) == ["agent_ledger.E008"]
 

@@ -51,6 +51,9 @@ _T = TypeVar("_T")
 on_postgres = pytest.mark.skipif(
     connection.vendor != "postgresql", reason="counts PostgreSQL backends"
 )
+pg_statements = pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="the PostgreSQL single-statement path"
+)
 
 
 def new_effect(**fields: Any) -> NewEffect:
@@ -655,7 +658,7 @@ def _ledger_statements_prepared() -> int:
     return int(count)
 
 
-@on_postgres
+@pg_statements
 @pytest.mark.django_db(transaction=True)
 def test_begin_and_commit_are_prepared_once_per_connection() -> None:
     """Django binds parameters on the client, so every call would be parsed and planned anew;
@@ -673,7 +676,7 @@ def test_begin_and_commit_are_prepared_once_per_connection() -> None:
     assert connection.connection.prepare_threshold == threshold
 
 
-@on_postgres
+@pg_statements
 @pytest.mark.django_db(transaction=True)
 def test_prepare_statements_off_prepares_nothing() -> None:
     store = DjangoStore()
@@ -685,3 +688,63 @@ def test_prepare_statements_off_prepares_nothing() -> None:
             assert store.begin_sync(new).created
             assert store.begin_sync(new_effect(idem_key=new.idem_key)).effect.dedup_count == 1
     assert _ledger_statements_prepared() == 0
+
+
+# -- replay counts of finished effects (PostgreSQL) --------------------------------------------
+
+
+def _finished_effect(store: DjangoStore) -> NewEffect:
+    new = new_effect()
+    store.begin_sync(new)
+    store.commit_sync(new.id, CommitSucceeded({"ok": 1}), fence=1, actor=SYSTEM)
+    return new
+
+
+def _row_dedup(effect_id: str) -> int:
+    return EffectRow.objects.values_list("dedup_count", flat=True).get(pk=effect_id)
+
+
+@pg_statements
+@pytest.mark.django_db(transaction=True)
+@override_settings(AGENT_LEDGER={"REPLAY_COUNT_DELAY_SECONDS": 30})
+def test_replays_of_a_finished_effect_are_counted_later_in_one_write() -> None:
+    store = DjangoStore()
+    new = _finished_effect(store)
+    for count in range(1, 5):
+        assert store.begin_sync(new_effect(idem_key=new.idem_key)).effect.dedup_count == count
+    assert _row_dedup(new.id) == 0  # no write per replay
+    effect = store.get_sync(new.id)  # the store's own read writes what it owes first
+    assert effect is not None and effect.dedup_count == 4
+    assert _row_dedup(new.id) == 4
+    store.begin_sync(new_effect(idem_key=new.idem_key))
+    with db_transaction.atomic():
+        # Inside the caller's transaction nothing is written on its behalf: the read lags.
+        lagging = store.get_by_idem_key_sync(new.idem_key)
+        assert lagging is not None and lagging.dedup_count == 4
+    django_store.close_connections()  # shutdown writes the rest
+    assert _row_dedup(new.id) == 5
+
+
+@pg_statements
+@pytest.mark.django_db(transaction=True)
+@override_settings(AGENT_LEDGER={"REPLAY_COUNT_DELAY_SECONDS": 0.05})
+def test_held_counts_are_written_by_a_store_thread_after_the_delay() -> None:
+    store = DjangoStore()
+    new = _finished_effect(store)
+    for _ in range(3):
+        store.begin_sync(new_effect(idem_key=new.idem_key))
+    deadline = time.monotonic() + 5
+    while _row_dedup(new.id) != 3:
+        assert time.monotonic() < deadline, "never written"
+        time.sleep(0.02)
+
+
+@pg_statements
+@pytest.mark.django_db(transaction=True)
+@override_settings(AGENT_LEDGER={"REPLAY_COUNT_DELAY_SECONDS": 0})
+def test_zero_delay_counts_every_replay_at_once() -> None:
+    store = DjangoStore()
+    new = _finished_effect(store)
+    for count in range(1, 4):
+        assert store.begin_sync(new_effect(idem_key=new.idem_key)).effect.dedup_count == count
+        assert _row_dedup(new.id) == count

@@ -8,6 +8,7 @@ shares; these tests look at the rows and at PostgreSQL-specific paths.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import subprocess
 import sys
 import uuid
@@ -368,3 +369,184 @@ async def test_the_readmes_postgresql_setup_works_as_written(schema: str) -> Non
         assert await ledger.run(call, lambda effect: {"charged": 2000}) == {"charged": 1000}
     finally:
         await pool.close()
+
+
+# -- replay counts of finished effects --------------------------------------------------------
+
+
+def _again(new: Any) -> Any:
+    """Another call of the same key."""
+    return dataclasses.replace(new_effect(), idem_key=new.idem_key)
+
+
+async def _finished(store: PostgresStore) -> Any:
+    new = new_effect()
+    record = await store.begin(new)
+    await store.commit(record.effect.id, CommitSucceeded({"ok": 1}), fence=1, actor=SYSTEM)
+    return new
+
+
+async def _row_count(db: psycopg.AsyncConnection[Any], effect_id: str) -> int:
+    (row,) = await fetch(db, "SELECT dedup_count FROM agent_ledger_effect WHERE id = %s", effect_id)
+    return int(row[0])
+
+
+async def test_replays_of_a_finished_effect_are_reads_counted_later_in_one_write(
+    schema: str, db: psycopg.AsyncConnection[Any]
+) -> None:
+    async with schema_pool(schema) as pool:
+        store = PostgresStore(pool=pool, replay_count_delay_s=30)
+        new = await _finished(store)
+        for count in range(1, 6):
+            record = await store.begin(_again(new))
+            assert not record.created
+            assert record.effect.dedup_count == count  # what this process knows
+        assert await _row_count(db, new.id) == 0  # nothing written per replay
+        # A read through the store writes what it owes first, so it is exact.
+        effect = await store.get(new.id)
+        assert effect is not None and effect.dedup_count == 5
+        assert await _row_count(db, new.id) == 5
+        for _ in range(3):
+            await store.begin(_again(new))
+        by_key = await store.get_by_idem_key(new.idem_key)
+        assert by_key is not None and by_key.dedup_count == 8
+        await store.begin(_again(new))
+        await store.aclose()  # closing writes the rest
+        assert await _row_count(db, new.id) == 9
+
+
+async def test_held_counts_are_written_after_the_delay(
+    schema: str, db: psycopg.AsyncConnection[Any]
+) -> None:
+    async with schema_pool(schema) as pool:
+        store = PostgresStore(pool=pool, replay_count_delay_s=0.05)
+        new = await _finished(store)
+        for _ in range(3):
+            await store.begin(_again(new))
+        deadline = asyncio.get_running_loop().time() + 5
+        while await _row_count(db, new.id) != 3:
+            assert asyncio.get_running_loop().time() < deadline, "never written"
+            await asyncio.sleep(0.02)
+        store.close()
+
+
+async def test_live_replays_are_counted_at_once(
+    schema: str, db: psycopg.AsyncConnection[Any]
+) -> None:
+    """A caller that finds the effect still running will wait for it; the winner's commit
+    notifies only if someone counted themselves, so this count cannot wait."""
+    async with schema_pool(schema) as pool:
+        store = PostgresStore(pool=pool, replay_count_delay_s=30)
+        new = new_effect()
+        await store.begin(new)
+        record = await store.begin(_again(new))
+        assert record.effect.dedup_count == 1
+        assert await _row_count(db, new.id) == 1
+        store.close()
+
+
+async def test_zero_delay_writes_every_replay_at_once(
+    schema: str, db: psycopg.AsyncConnection[Any]
+) -> None:
+    async with schema_pool(schema) as pool:
+        store = PostgresStore(pool=pool, replay_count_delay_s=0, replay_commit="on")
+        new = await _finished(store)
+        for count in range(1, 4):
+            record = await store.begin(_again(new))
+            assert record.effect.dedup_count == count
+            assert await _row_count(db, new.id) == count
+        store.close()
+
+
+async def test_close_without_the_loop_writes_held_counts(
+    schema: str, db: psycopg.AsyncConnection[Any]
+) -> None:
+    async with schema_pool(schema) as pool:
+        store = PostgresStore(pool=pool, replay_count_delay_s=30)
+        new = await _finished(store)
+        for _ in range(4):
+            await store.begin(_again(new))
+        await asyncio.to_thread(store.close)  # a plain sync call, as at exit
+        assert await _row_count(db, new.id) == 4
+
+
+async def test_a_refused_count_write_keeps_the_counts_for_the_next_try(
+    schema: str, db: psycopg.AsyncConnection[Any]
+) -> None:
+    async with schema_pool(schema) as pool:
+        store = PostgresStore(pool=pool, replay_count_delay_s=30)
+        new = await _finished(store)
+        for _ in range(2):
+            await store.begin(_again(new))
+        await db.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN RAISE EXCEPTION 'refused'; END $$;"
+            " CREATE TRIGGER refuse BEFORE UPDATE OF dedup_count ON agent_ledger_effect"
+            " FOR EACH ROW EXECUTE FUNCTION refuse()"
+        )
+        with pytest.raises(EffectStoreError) as caught:
+            await store.get(new.id)
+        assert isinstance(caught.value.__cause__, psycopg.Error)
+        await store.begin(_again(new))  # counted meanwhile
+        await db.execute("DROP TRIGGER refuse ON agent_ledger_effect")
+        effect = await store.get(new.id)
+        assert effect is not None and effect.dedup_count == 3
+        assert await _row_count(db, new.id) == 3
+        store.close()
+
+
+async def test_begin_retries_when_the_effect_finishes_under_its_replay(
+    schema: str, db: psycopg.AsyncConnection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our snapshot shows the effect running, but its commit lands while our count waits for
+    the row lock: the count finds it finished (no longer live) and the read branch saw it
+    running, so the statement is run again and the replay is counted as a finished one."""
+    statements: list[str] = []
+    original = postgres._fetchone
+
+    async def spy(conn: Any, query: str, params: Any) -> Any:
+        statements.append(query)
+        return await original(conn, query, params)
+
+    name = f"ledger-finish-race-{uuid.uuid4().hex[:8]}"
+    async with (
+        schema_pool(schema, kwargs={"application_name": name}) as pool,
+        await connect(options=search_path(schema)) as other,
+    ):
+        store = PostgresStore(pool=pool, replay_count_delay_s=30)
+        new = new_effect()
+        await store.begin(new)
+        monkeypatch.setattr(postgres, "_fetchone", spy)
+        await other.execute("BEGIN")
+        await other.execute(
+            "UPDATE agent_ledger_effect SET status = 'succeeded', result = '1' WHERE id = %s",
+            (new.id,),
+        )
+        begin = asyncio.ensure_future(store.begin(_again(new)))
+
+        async def blocked() -> None:
+            while not await fetch(
+                db,
+                "SELECT 1 FROM pg_stat_activity"
+                " WHERE application_name = %s AND wait_event_type = 'Lock'",
+                name,
+            ):
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(blocked(), 10)
+        await other.execute("COMMIT")
+        record = await begin
+        assert statements.count(_pgsql.BEGIN) == 2
+        assert not record.created
+        assert record.effect.status is EffectStatus.SUCCEEDED
+        assert record.effect.dedup_count == 1
+        assert await _row_count(db, new.id) == 0
+        await store.aclose()
+        assert await _row_count(db, new.id) == 1
+
+
+@pytest.mark.parametrize("value", [-1, 61, "0.1", True, None])
+async def test_replay_count_delay_must_be_seconds(store: PostgresStore, value: Any) -> None:
+    with pytest.raises(EffectLedgerValidationError) as caught:
+        PostgresStore(pool=store._pool, replay_count_delay_s=value)
+    assert caught.value.field == "replay_count_delay_s"

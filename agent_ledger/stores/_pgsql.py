@@ -9,16 +9,35 @@ PostgreSQL delivers when the statement's transaction commits. A commit notifies 
 ``dedup_count > 0``: every waiter counted itself (``begin`` on an existing key) before it
 started waiting, so a commit nobody else asked about costs no notification.
 
-Replays: the branch of ``BEGIN`` that only counts a replay sets ``synchronous_commit`` for its
-own transaction (``replay_commit``, "off" by default), so a replay does not wait for a WAL
-flush. A database crash can lose the last few hundred milliseconds of such counts, never an
-effect, an outcome or a history row: creations and outcomes keep the server's setting.
+Replays, counted without making them writes that wait:
+
+- A replay of a *live* effect (processing, awaiting approval, ready) is a caller about to wait:
+  ``BEGIN`` counts it at once, since the winner's commit notifies only when someone counted
+  themselves. That branch sets ``synchronous_commit`` for its own transaction
+  (``replay_commit``, "off" by default), so it does not wait for a WAL flush either.
+- A replay of a *finished* effect (the common one: an agent retrying a call that is done)
+  reads the row and writes nothing, like a plain ``SELECT``: no transaction id, no row lock,
+  no WAL. The store adds it to ``ReplayCounts`` and writes the counts of the process in one
+  ``COUNT_REPLAYS`` statement per ``REPLAY_COUNT_DELAY_S`` (also with ``replay_commit``), and
+  before it reads an effect that still has counts to write, so its own reads are exact. A
+  store set to write every count at once passes ``defer_count`` false: finished effects are
+  then counted like live ones.
+
+What a crash can lose: replay counts only, never an effect, an outcome or a history row
+(creations and outcomes keep the server's ``synchronous_commit``). A crash of the worker process
+loses the counts of finished effects it had not written yet (at most ``REPLAY_COUNT_DELAY_S``
+worth, unless the database was unreachable); a crash of the database loses counts committed in
+the last few hundred milliseconds (``wal_writer_delay`` x 3). Until they are written, other
+processes (the admin, say) see a count up to ``REPLAY_COUNT_DELAY_S`` behind.
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import uuid
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,11 +50,15 @@ __all__ = [
     "COLUMNS",
     "COMMIT_FAILED",
     "COMMIT_SUCCEEDED",
+    "COUNT_REPLAYS",
     "GET",
     "GET_BY_KEY",
     "HISTORY_OF",
     "LOCK_BY_KEY",
+    "REPLAY_COUNT_DELAY_S",
     "TRANSITION",
+    "ReplayCounts",
+    "count_params",
     "effect_from_row",
 ]
 
@@ -53,10 +76,13 @@ SELECT id, %(from_status)s::varchar, status, {at}, %(actor_label)s::varchar,
 FROM {source}
 """
 
-# Insert-or-count in one statement. Under READ COMMITTED, a row inserted by a transaction that
-# commits while this statement runs makes the INSERT do nothing (the key exists) while the
-# UPDATE cannot see it (it is newer than the statement's snapshot): both branches come back
-# empty and the statement is simply run again, with a fresh snapshot.
+_LIVE = "('processing', 'requires_approval', 'ready')"
+
+# Insert, count a live replay, or read a finished one, in one statement. Under READ COMMITTED a
+# row inserted, or finished, by a transaction that commits while this statement runs can make
+# every branch come back empty (the INSERT finds the key, the snapshot does not show the row, or
+# shows it live while the UPDATE, re-checking the newest version, finds it finished): the
+# statement is then simply run again, with a fresh snapshot.
 BEGIN = f"""
 WITH ins AS (
     INSERT INTO agent_ledger_effect
@@ -69,17 +95,99 @@ WITH ins AS (
     RETURNING {COLUMNS}
 ), hist AS (
     {HISTORY.format(at="created_at", source="ins")}
-), upd AS (
+), live AS (
     UPDATE agent_ledger_effect SET dedup_count = dedup_count + 1
     WHERE idem_key = %(idem_key)s AND NOT EXISTS (SELECT 1 FROM ins)
+      AND (status IN {_LIVE} OR NOT %(defer_count)s::boolean)
     RETURNING {COLUMNS}
 )
-SELECT true AS created, {COLUMNS}, NULL AS durability FROM ins
+SELECT true AS created, true AS counted, {COLUMNS}, NULL AS durability FROM ins
 UNION ALL
-SELECT false AS created, {COLUMNS},
-       set_config('synchronous_commit', %(replay_commit)s, true) AS durability
-FROM upd
+SELECT false, true, {COLUMNS}, set_config('synchronous_commit', %(replay_commit)s, true)
+FROM live
+UNION ALL
+SELECT false, false, {COLUMNS}, NULL FROM agent_ledger_effect
+WHERE idem_key = %(idem_key)s AND NOT EXISTS (SELECT 1 FROM ins)
+  AND status NOT IN {_LIVE} AND %(defer_count)s::boolean
 """
+
+#: Write the replay counts of finished effects, ids in order so that two processes writing
+#: overlapping batches take the row locks in the same order.
+COUNT_REPLAYS = """
+WITH durability AS (SELECT set_config('synchronous_commit', %(replay_commit)s, true))
+UPDATE agent_ledger_effect AS e SET dedup_count = e.dedup_count + c.n
+FROM unnest(%(ids)s::uuid[], %(counts)s::integer[]) AS c (id, n), durability
+WHERE e.id = c.id
+"""
+
+#: How long a finished effect's replay count may wait in the process before it is written.
+REPLAY_COUNT_DELAY_S = 0.1
+
+
+class ReplayCounts:
+    """Replays of finished effects that this process has not written yet (thread-safe).
+
+    The store decides when to write (a timer, a read, closing) and holds its own lock around a
+    write; this keeps the numbers, including those of a write under way, so that a read can tell
+    it must wait, and a batch that fails to write is put back instead of lost.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[str, tuple[int, str]] = {}  # effect id -> (count, idem key)
+        self._writing: dict[str, tuple[int, str]] = {}
+
+    def add(self, effect: Effect) -> tuple[Effect, bool]:
+        """Count one replay of ``effect`` (as read); return it with the count this process
+        knows of, and whether the caller must schedule a write (the first count since one)."""
+        with self._lock:
+            schedule = not self._pending
+            count = self._pending.get(effect.id, (0, ""))[0] + 1
+            self._pending[effect.id] = (count, effect.idem_key)
+        return replace(effect, dedup_count=effect.dedup_count + count), schedule
+
+    def owes(self, *, effect_id: str | None = None, idem_key: str | None = None) -> bool:
+        """Must a read of this effect first wait for counts still in this process?"""
+        with self._lock:
+            for counts in (self._pending, self._writing):
+                if effect_id in counts or (
+                    idem_key is not None and any(key == idem_key for _, key in counts.values())
+                ):
+                    return True
+        return False
+
+    def take(self) -> dict[str, tuple[int, str]]:
+        """Everything pending, for one write; then ``written`` or ``back``."""
+        with self._lock:
+            taken, self._pending = self._pending, {}
+            self._writing.update(taken)
+        return taken
+
+    def written(self, taken: Mapping[str, tuple[int, str]]) -> None:
+        with self._lock:
+            for effect_id in taken:
+                self._writing.pop(effect_id, None)
+
+    def back(self, taken: Mapping[str, tuple[int, str]]) -> None:
+        """The write failed: count these again with whatever came in meanwhile."""
+        with self._lock:
+            for effect_id, (count, key) in taken.items():
+                self._writing.pop(effect_id, None)
+                self._pending[effect_id] = (self._pending.get(effect_id, (0, key))[0] + count, key)
+
+    def __bool__(self) -> bool:
+        with self._lock:
+            return bool(self._pending)
+
+
+def count_params(taken: Mapping[str, tuple[int, str]], replay_commit: str) -> dict[str, Any]:
+    ids = sorted(taken)
+    return {
+        "ids": [uuid.UUID(effect_id) for effect_id in ids],
+        "counts": [taken[effect_id][0] for effect_id in ids],
+        "replay_commit": replay_commit,
+    }
+
 
 # No lock needed: the UPDATE's own conditions (still processing, fence unchanged) are
 # re-checked on the newest row version if it waits for another writer, so a commit that lost

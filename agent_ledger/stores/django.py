@@ -21,6 +21,7 @@ Clocks: ``created_at``/``updated_at`` are written with ``Now()`` and staleness i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import logging
@@ -209,6 +210,7 @@ class DjangoStore:
                 "from_status": None,
                 "reason": None,
                 "replay_commit": "off",
+                "defer_count": ledger_settings.REPLAY_COUNT_DELAY_SECONDS > 0,
                 **_actor_params(new.actor, user_id),
             }
             with _store_errors("begin"):
@@ -221,6 +223,8 @@ class DjangoStore:
             effect = pgsql.effect_from_row(found, json_as_text=True)
             if found["created"]:
                 _announce(using, effect, None, new.actor)
+            elif not found["counted"]:
+                effect = _count_later(using, effect)
             return BeginRecord(effect, created=found["created"])
         with _store_errors("begin"), transaction.atomic(using=using):
             try:
@@ -259,11 +263,13 @@ class DjangoStore:
         pk = parse_uuid(effect_id)
         if pk is None:
             return None
+        _write_counts_owed(self.using, effect_id=effect_id)
         with _store_errors("get"):
             row = EffectRow.objects.using(self.using).filter(pk=pk).first()
         return None if row is None else _effect(row)
 
     def get_by_idem_key_sync(self, idem_key: str) -> Effect | None:
+        _write_counts_owed(self.using, idem_key=idem_key)
         with _store_errors("get_by_idem_key"):
             row = EffectRow.objects.using(self.using).filter(idem_key=idem_key).first()
         return None if row is None else _effect(row)
@@ -564,6 +570,9 @@ def close_connections() -> None:
     """
     global _executor
     _stop_listening()
+    if any(_replay_counts.values()):
+        # On a store thread: never inside the caller's transaction.
+        _get_executor().submit(functools.partial(_in_worker, _write_all_counts)).result()
     with _executor_lock:
         executor, _executor = _executor, None
     if executor is not None:
@@ -745,6 +754,81 @@ def _listen(using: str) -> None:
 
                 listener = _listeners[using] = Listener(connect, _notifier)
     listener.start()
+
+
+# -- replay counts of finished effects (see ``_pgsql``) -----------------------------------------
+
+_replay_counts: dict[str, pgsql.ReplayCounts] = {}
+_count_locks: dict[str, threading.Lock] = {}
+_counts_lock = threading.Lock()
+
+
+def _counts(using: str) -> tuple[pgsql.ReplayCounts, threading.Lock]:
+    counts = _replay_counts.get(using)
+    if counts is None:
+        with _counts_lock:
+            counts = _replay_counts.setdefault(using, pgsql.ReplayCounts())
+            _count_locks.setdefault(using, threading.Lock())
+    return counts, _count_locks[using]
+
+
+def _count_later(using: str, effect: Effect) -> Effect:
+    """Hold the replay count of a finished effect; a timer has a store thread write it."""
+    counts, _ = _counts(using)
+    effect, schedule = counts.add(effect)
+    if schedule:
+        timer = threading.Timer(
+            ledger_settings.REPLAY_COUNT_DELAY_SECONDS, _counts_due, args=(using,)
+        )
+        timer.daemon = True
+        timer.start()
+    return effect
+
+
+def _counts_due(using: str) -> None:
+    # RuntimeError: shutting down, and close_connections() writes them.
+    with contextlib.suppress(RuntimeError):
+        _get_executor().submit(functools.partial(_in_worker, _write_counts_quietly, using))
+
+
+def _write_counts_quietly(using: str) -> None:
+    try:
+        _write_counts(using)
+    except EffectStoreError:
+        # Kept, not lost: the next replay, read or close_connections() tries again.
+        logger.warning("agent_ledger: could not write replay counts yet", exc_info=True)
+
+
+def _write_counts_owed(
+    using: str, *, effect_id: str | None = None, idem_key: str | None = None
+) -> None:
+    """Before a read: write the counts this process still holds for the effect, so the read
+    is exact. Not inside the caller's transaction (it would take the write with it)."""
+    counts = _replay_counts.get(using)
+    owed = counts is not None and counts.owes(effect_id=effect_id, idem_key=idem_key)
+    if owed and _fast_path(using):
+        _write_counts(using)
+
+
+def _write_counts(using: str) -> None:
+    counts, lock = _counts(using)
+    with lock:
+        taken = counts.take()
+        if not taken:
+            return
+        try:
+            with _store_errors("count replays"), _statement_cursor(using) as cursor:
+                cursor.execute(pgsql.COUNT_REPLAYS, pgsql.count_params(taken, "off"))
+        except BaseException:
+            counts.back(taken)
+            raise
+        counts.written(taken)
+
+
+def _write_all_counts() -> None:
+    for using, counts in list(_replay_counts.items()):
+        if counts:
+            _write_counts(using)
 
 
 def _stop_listening() -> None:

@@ -23,6 +23,7 @@ stays underneath as the fallback.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Coroutine, Mapping
@@ -139,6 +140,8 @@ _INT4_MAX = 2**31 - 1
 #: (``PoolTimeout`` is a ``psycopg.OperationalError``; ``OSError`` covers sockets below it).
 _DRIVER_ERRORS = (psycopg.Error, OSError)
 
+logger = logging.getLogger("agent_ledger")
+
 
 class PostgresStore:
     """Effects and their history in ``agent_ledger``'s tables, through a psycopg 3 async pool.
@@ -149,17 +152,39 @@ class PostgresStore:
     """
 
     def __init__(
-        self, *, pool: AsyncConnectionPool, listen: bool = True, replay_commit: str = "off"
+        self,
+        *,
+        pool: AsyncConnectionPool,
+        listen: bool = True,
+        replay_commit: str = "off",
+        replay_count_delay_s: float = sql.REPLAY_COUNT_DELAY_S,
     ) -> None:
         """``listen``: wake waiters through LISTEN/NOTIFY (one extra connection per store) rather
         than by polling alone. ``replay_commit``: ``synchronous_commit`` for transactions that
-        only count a replay ("off": a crash may lose the latest counts; "on": it may not)."""
+        only count replays ("off": a database crash may lose the latest counts; "on": it may
+        not). ``replay_count_delay_s``: how long replays of finished effects are counted in the
+        process before one statement writes them (0: each replay writes its own count, so a
+        worker crash loses none). Call ``aclose()`` (or ``close()``) before closing the pool, so
+        that the last counts are written."""
         if replay_commit not in ("on", "off", "local", "remote_write", "remote_apply"):
             raise EffectLedgerValidationError(
                 "must be a synchronous_commit value", field="replay_commit"
             )
+        if (
+            isinstance(replay_count_delay_s, bool)
+            or not isinstance(replay_count_delay_s, (int, float))
+            or not 0 <= replay_count_delay_s <= 60
+        ):
+            raise EffectLedgerValidationError(
+                "must be a number of seconds from 0 to 60", field="replay_count_delay_s"
+            )
         self._pool = pool
         self._replay_commit = replay_commit
+        self._count_delay_s = float(replay_count_delay_s)
+        self._counts = sql.ReplayCounts()
+        self._count_lock: asyncio.Lock | None = None
+        self._count_timer: asyncio.TimerHandle | None = None
+        self._count_tasks: set[asyncio.Task[None]] = set()
         self._notifier = ChangeNotifier()
         self._listener = Listener(self._listen_connection, self._notifier) if listen else None
         # The loop the pool lives on: its locks and workers belong to it. Known here when the
@@ -251,6 +276,7 @@ class PostgresStore:
             "from_status": None,
             "reason": None,
             "replay_commit": self._replay_commit,
+            "defer_count": self._count_delay_s > 0,
             **_actor_params(new.actor),
         }
         async with self._connection("begin") as conn:
@@ -267,6 +293,12 @@ class PostgresStore:
         effect = sql.effect_from_row(row)
         if row["created"]:
             self._changed(effect)
+        elif not row["counted"]:
+            effect, schedule = self._counts.add(effect)
+            if schedule:
+                self._count_timer = asyncio.get_running_loop().call_later(
+                    self._count_delay_s, self._counts_due
+                )
         return BeginRecord(effect, created=row["created"])
 
     async def _commit(
@@ -367,11 +399,15 @@ class PostgresStore:
         pk = parse_uuid(effect_id)
         if pk is None:
             return None
+        if self._counts.owes(effect_id=effect_id):
+            await self._write_counts()
         async with self._connection("get") as conn:
             row = await _fetchone(conn, sql.GET, (pk,))
         return None if row is None else sql.effect_from_row(row)
 
     async def _get_by_idem_key(self, idem_key: str) -> Effect | None:
+        if self._counts.owes(idem_key=idem_key):
+            await self._write_counts()
         async with self._connection("get_by_idem_key") as conn:
             row = await _fetchone(conn, sql.GET_BY_KEY, (idem_key,))
         return None if row is None else sql.effect_from_row(row)
@@ -448,8 +484,75 @@ class PostgresStore:
         kwargs = {key: value for key, value in kwargs.items() if key != "autocommit"}
         return psycopg.connect(conninfo, autocommit=True, **kwargs)
 
+    # -- replay counts of finished effects (see ``_pgsql``) -------------------------------------
+
+    def _counts_due(self) -> None:
+        self._count_timer = None
+        task = asyncio.get_running_loop().create_task(self._write_counts_in_background())
+        self._count_tasks.add(task)
+        task.add_done_callback(self._count_tasks.discard)
+
+    async def _write_counts_in_background(self) -> None:
+        try:
+            await self._write_counts()
+        except Exception:
+            # Kept, not lost: the next replay, read or close tries again.
+            logger.warning("agent_ledger: could not write replay counts yet", exc_info=True)
+            if self._counts and self._count_timer is None:
+                self._count_timer = asyncio.get_running_loop().call_later(1.0, self._counts_due)
+
+    async def _write_counts(self) -> None:
+        """Write every count this process holds; a read that needs them waits here too."""
+        if self._count_lock is None:
+            self._count_lock = asyncio.Lock()
+        async with self._count_lock:
+            taken = self._counts.take()
+            if not taken:
+                return
+            try:
+                async with self._connection("count replays") as conn:
+                    await conn.execute(
+                        sql.COUNT_REPLAYS, sql.count_params(taken, self._replay_commit)
+                    )
+            except BaseException:
+                self._counts.back(taken)
+                raise
+            self._counts.written(taken)
+
+    async def aclose(self) -> None:
+        """Write the replay counts still held and stop listening (the pool is the caller's to
+        close, after this)."""
+        try:
+            await self._on_pool_loop(self._write_counts())
+        finally:
+            self._stop()
+
     def close(self) -> None:
-        """Stop listening (the pool is the caller's to close)."""
+        """Like ``aclose`` for callers without a running loop (at exit, say): the counts still
+        held are written over a connection of their own."""
+        try:
+            taken = self._counts.take()
+            if taken:
+                try:
+                    with self._listen_connection() as conn:
+                        conn.execute(
+                            sql.COUNT_REPLAYS, sql.count_params(taken, self._replay_commit)
+                        )
+                except BaseException as exc:
+                    self._counts.back(taken)
+                    if isinstance(exc, _DRIVER_ERRORS):
+                        raise EffectStoreError(
+                            f"{type(exc).__name__}: {exc}", operation="count replays"
+                        ) from exc
+                    raise
+                self._counts.written(taken)
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._count_timer is not None:
+            self._count_timer.cancel()
+            self._count_timer = None
         if self._listener is not None:
             self._listener.stop()
 
