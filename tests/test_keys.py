@@ -22,7 +22,7 @@ from agent_ledger import (
     ToolCall,
 )
 from agent_ledger.errors import EffectLedgerValidationError
-from agent_ledger.keys import MAX_SAFE_INTEGER, canonical_json, idem_key
+from agent_ledger.keys import MAX_SAFE_INTEGER, canonical_json, check_json, idem_key
 
 # -- numbers -----------------------------------------------------------------------------------
 
@@ -349,6 +349,37 @@ json_objects = st.dictionaries(text, json_values, max_size=5)
 @settings(max_examples=200, deadline=None)
 @given(json_values)
 def test_canonical_json_matches_rfc8785_reference(value: Any) -> None:
+    assert canonical_json(value) == rfc8785.dumps(value).decode()
+
+
+ascii_text = st.text(st.characters(codec="ascii"), max_size=12)
+#: Values canonical_json writes with the C encoder: no floats, ASCII keys (any string values).
+encoder_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-MAX_SAFE_INTEGER, max_value=MAX_SAFE_INTEGER)
+    | text,
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(ascii_text, children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(encoder_values)
+def test_the_encoder_fast_path_matches_rfc8785_reference(value: Any) -> None:
+    assert check_json(value, "args") is True
+    assert canonical_json(value) == rfc8785.dumps(value).decode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [{"a": 1.5}, {"é": 1}, [{"k": {"\U0001f600": 1, "\ufb01": 2}}], {"n": 10.0}],
+    ids=["float", "non-ascii key", "utf16 order", "integral float"],
+)
+def test_values_json_dumps_would_spell_differently_take_the_jcs_writer(value: Any) -> None:
+    assert check_json(value, "args") is False
     assert canonical_json(value) == rfc8785.dumps(value).decode()
 
 

@@ -37,7 +37,6 @@ import json
 import threading
 import uuid
 from collections.abc import Mapping
-from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -137,14 +136,14 @@ class ReplayCounts:
         self._pending: dict[str, tuple[int, str]] = {}  # effect id -> (count, idem key)
         self._writing: dict[str, tuple[int, str]] = {}
 
-    def add(self, effect: Effect) -> tuple[Effect, bool]:
-        """Count one replay of ``effect`` (as read); return it with the count this process
-        knows of, and whether the caller must schedule a write (the first count since one)."""
+    def add(self, effect_id: str, idem_key: str) -> tuple[int, bool]:
+        """Count one replay; return the effect's count not yet written, and whether the caller
+        must schedule a write (the first count since the last one)."""
         with self._lock:
             schedule = not self._pending
-            count = self._pending.get(effect.id, (0, ""))[0] + 1
-            self._pending[effect.id] = (count, effect.idem_key)
-        return replace(effect, dedup_count=effect.dedup_count + count), schedule
+            count = self._pending.get(effect_id, (0, ""))[0] + 1
+            self._pending[effect_id] = (count, idem_key)
+        return count, schedule
 
     def owes(self, *, effect_id: str | None = None, idem_key: str | None = None) -> bool:
         """Must a read of this effect first wait for counts still in this process?"""
@@ -273,9 +272,12 @@ FROM agent_ledger_effecttransition WHERE effect_id = %s ORDER BY at, id
 """
 
 
-def effect_from_row(row: Mapping[str, Any], *, json_as_text: bool = False) -> Effect:
+def effect_from_row(
+    row: Mapping[str, Any], *, json_as_text: bool = False, unwritten_replays: int = 0
+) -> Effect:
     """An ``Effect`` from a row of ``COLUMNS``. ``json_as_text``: the connection hands jsonb
-    over unparsed (Django's do: JSONField parses it), so parse ``result`` and ``error`` here."""
+    over unparsed (Django's do: JSONField parses it), so parse ``result`` and ``error`` here.
+    ``unwritten_replays``: counted in this process, not in the row yet (``ReplayCounts``)."""
     completed_at = row["completed_at"]
     result, error = row["result"], row["error"]
     if json_as_text:
@@ -290,7 +292,7 @@ def effect_from_row(row: Mapping[str, Any], *, json_as_text: bool = False) -> Ef
         status=EffectStatus(row["status"]),
         args_canonical=row["args_canonical"],
         resource_id_canonical=row["resource_id_canonical"],
-        dedup_count=row["dedup_count"],
+        dedup_count=row["dedup_count"] + unwritten_replays,
         created_at=utc(row["created_at"]),
         updated_at=utc(row["updated_at"]),
         result=result,

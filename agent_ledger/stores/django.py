@@ -220,11 +220,12 @@ class DjangoStore:
                         break
                 else:
                     raise EffectStoreError(f"key {new.idem_key} vanished", operation="begin")
-            effect = pgsql.effect_from_row(found, json_as_text=True)
+            unwritten = (
+                0 if found["counted"] else _count_later(using, str(found["id"]), new.idem_key)
+            )
+            effect = pgsql.effect_from_row(found, json_as_text=True, unwritten_replays=unwritten)
             if found["created"]:
                 _announce(using, effect, None, new.actor)
-            elif not found["counted"]:
-                effect = _count_later(using, effect)
             return BeginRecord(effect, created=found["created"])
         with _store_errors("begin"), transaction.atomic(using=using):
             try:
@@ -772,17 +773,18 @@ def _counts(using: str) -> tuple[pgsql.ReplayCounts, threading.Lock]:
     return counts, _count_locks[using]
 
 
-def _count_later(using: str, effect: Effect) -> Effect:
-    """Hold the replay count of a finished effect; a timer has a store thread write it."""
+def _count_later(using: str, effect_id: str, idem_key: str) -> int:
+    """Hold the replay count of a finished effect (a timer has a store thread write it);
+    return the effect's count not written yet."""
     counts, _ = _counts(using)
-    effect, schedule = counts.add(effect)
+    unwritten, schedule = counts.add(effect_id, idem_key)
     if schedule:
         timer = threading.Timer(
             ledger_settings.REPLAY_COUNT_DELAY_SECONDS, _counts_due, args=(using,)
         )
         timer.daemon = True
         timer.start()
-    return effect
+    return unwritten
 
 
 def _counts_due(using: str) -> None:

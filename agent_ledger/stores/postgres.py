@@ -26,8 +26,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Collection, Coroutine, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Collection, Coroutine, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -290,16 +289,18 @@ class PostgresStore:
                     f"after {_BEGIN_ATTEMPTS} attempts",
                     operation="begin",
                 )
-        effect = sql.effect_from_row(row)
         if row["created"]:
+            effect = sql.effect_from_row(row)
             self._changed(effect)
-        elif not row["counted"]:
-            effect, schedule = self._counts.add(effect)
+            return BeginRecord(effect, created=True)
+        unwritten = 0
+        if not row["counted"]:
+            unwritten, schedule = self._counts.add(str(row["id"]), row["idem_key"])
             if schedule:
                 self._count_timer = asyncio.get_running_loop().call_later(
                     self._count_delay_s, self._counts_due
                 )
-        return BeginRecord(effect, created=row["created"])
+        return BeginRecord(sql.effect_from_row(row, unwritten_replays=unwritten), created=False)
 
     async def _commit(
         self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
@@ -434,8 +435,7 @@ class PostgresStore:
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def _connection(self, operation: str) -> AsyncIterator[AsyncConnection[Any]]:
+    def _connection(self, operation: str) -> _Borrowed:
         """A pooled connection in autocommit mode; the driver's and the pool's failures become
         ``EffectStoreError``.
 
@@ -446,23 +446,7 @@ class PostgresStore:
         connection that cannot be put back (broken, cancelled mid-query) is closed, and the
         pool then replaces it rather than hand it out half-used.
         """
-        try:
-            async with self._pool.connection() as conn:
-                restore = not conn.autocommit
-                if restore:
-                    await conn.set_autocommit(True)
-                try:
-                    yield conn
-                finally:
-                    if restore and not conn.closed:
-                        try:
-                            await conn.set_autocommit(False)
-                        except psycopg.Error:
-                            await conn.close()
-        except EffectLedgerError:
-            raise
-        except _DRIVER_ERRORS as exc:
-            raise EffectStoreError(f"{type(exc).__name__}: {exc}", operation=operation) from exc
+        return _Borrowed(self._pool, operation)
 
     def _changed(self, effect: Effect) -> None:
         """A write committed: wake this process's waiters with the new state, without waiting
@@ -555,6 +539,59 @@ class PostgresStore:
             self._count_timer = None
         if self._listener is not None:
             self._listener.stop()
+
+
+class _Borrowed:
+    """``getconn``/``putconn`` around one step: what ``pool.connection()`` does, without its
+    two generator-based context managers and its per-use statistics, on every call's path."""
+
+    __slots__ = ("_conn", "_operation", "_pool", "_restore")
+
+    def __init__(self, pool: AsyncConnectionPool, operation: str) -> None:
+        self._pool = pool
+        self._operation = operation
+        self._conn: AsyncConnection[Any] | None = None
+        self._restore = False
+
+    async def __aenter__(self) -> AsyncConnection[Any]:
+        try:
+            conn = self._conn = await self._pool.getconn()
+            if not conn.autocommit:
+                self._restore = True
+                await conn.set_autocommit(True)
+        except BaseException as exc:
+            await self._give_back()
+            raise self._translated(exc) from exc
+        return conn
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        try:
+            await self._give_back()
+        except BaseException as failure:
+            if exc is None:
+                raise self._translated(failure) from failure
+        if exc is not None:
+            translated = self._translated(exc)
+            if translated is not exc:
+                raise translated from exc
+
+    async def _give_back(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if self._restore and not conn.closed:
+                try:
+                    await conn.set_autocommit(False)
+                except psycopg.Error:
+                    await conn.close()
+        finally:
+            await self._pool.putconn(conn)
+
+    def _translated(self, exc: BaseException) -> BaseException:
+        if isinstance(exc, _DRIVER_ERRORS) and not isinstance(exc, EffectLedgerError):
+            return EffectStoreError(f"{type(exc).__name__}: {exc}", operation=self._operation)
+        return exc
 
 
 async def _fetchone(
