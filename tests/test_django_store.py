@@ -243,6 +243,7 @@ async def test_a_connection_broken_mid_call_does_not_poison_the_next(
     monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", None)
     store = DjangoStore()
     effect = (await store.begin(new_effect())).effect
+    assert await store.get(effect.id) == effect  # reads run on the thread, on its connection
 
     def break_it() -> object:
         broken = connection.connection
@@ -285,10 +286,10 @@ async def test_persistent_connections_are_kept_when_idle(
 ) -> None:
     monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", None)
     store = DjangoStore()
-    await store.begin(new_effect())
+    await store.get(str(uuid.uuid4()))
     first = await on_thread(one_thread, lambda: connection.connection)
     await asyncio.sleep(0.2)
-    await store.begin(new_effect())
+    await store.get(str(uuid.uuid4()))
     assert await on_thread(one_thread, lambda: connection.connection) is first
 
 
@@ -304,7 +305,7 @@ async def test_shutting_the_threads_down_closes_their_connections(
         closed.append(True)
 
     store = DjangoStore()
-    await asyncio.gather(*(store.begin(new_effect()) for _ in range(4)))
+    await asyncio.gather(*(store.get(str(uuid.uuid4())) for _ in range(4)))
     threads = len(django_store._get_executor()._threads)
     with mock.patch.object(connections, "close_all", spy):
         await asyncio.to_thread(django_store.close_connections)
@@ -634,13 +635,16 @@ async def test_connections_return_to_baseline_after_200_concurrent_calls(
 async def test_persistent_connections_stay_bounded_by_the_threads(
     transactional_db: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Threads keep theirs and so do the loop's own connections (begin and commit on
+    PostgreSQL): at most ASYNC_THREADS of each."""
     monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", None)
     monkeypatch.setattr(django_store, "_executor", django_store._LedgerThreads(3))
     count = _pg_backends_counter()
     baseline = await count()
-    await _run_calls(200)
-    await asyncio.sleep(1.5)  # idle, but persistent: kept
-    assert baseline < await count() <= baseline + 3
+    with override_settings(AGENT_LEDGER={"ASYNC_THREADS": 3}):
+        await _run_calls(200)
+        await asyncio.sleep(1.5)  # idle, but persistent: kept
+    assert baseline < await count() <= baseline + 3 + 3
     await asyncio.to_thread(django_store.close_connections)
     assert await _settles_at(count, baseline) == baseline
 
@@ -748,3 +752,86 @@ def test_zero_delay_counts_every_replay_at_once() -> None:
     for count in range(1, 4):
         assert store.begin_sync(new_effect(idem_key=new.idem_key)).effect.dedup_count == count
         assert _row_dedup(new.id) == count
+
+
+# -- the hot path on the caller's event loop (PostgreSQL) --------------------------------------
+
+
+class _CountingThreads(django_store._LedgerThreads):
+    """The store's thread pool, counting what is handed to it."""
+
+    def __init__(self, workers: int) -> None:
+        super().__init__(workers)
+        self.submitted = 0
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        self.submitted += 1
+        return super().submit(fn, *args, **kwargs)
+
+
+@pg_statements
+@override_settings(AGENT_LEDGER={"REPLAY_COUNT_DELAY_SECONDS": 30})
+async def test_begin_and_commit_run_on_the_loop_without_a_thread(
+    transactional_db: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every tool call's two statements skip the hand-off to a worker thread and back."""
+    threads = _CountingThreads(4)
+    monkeypatch.setattr(django_store, "_executor", threads)
+    assert not signals_listened()
+    ledger = EffectLedger(EffectLedgerOptions(store=DjangoStore()))
+    call = ToolCall(workflow_id="loop", tool="t", args={"n": 1})
+
+    async def handler(effect: Any) -> str:
+        return effect.id
+
+    first = await ledger.run(call, handler)
+    assert await ledger.run(call, handler) == first  # a replay of a finished effect
+    assert threads.submitted == 0
+    effect = await ledger.find_by_idem_key(ledger.idem_key(call))  # reads keep the threads
+    assert threads.submitted == 1
+    assert effect is not None and (effect.status, effect.dedup_count) == ("succeeded", 1)
+
+
+def signals_listened() -> bool:
+    from agent_ledger import signals
+
+    return any(
+        getattr(signals, name).has_listeners(EffectRow)
+        for name in ("approval_requested", "effect_succeeded", "effect_failed")
+    )
+
+
+@pg_statements
+def test_sessions_that_need_djangos_set_up_stay_on_the_threads() -> None:
+    from agent_ledger.stores import _aio
+
+    wrapper = connections.create_connection("default")  # a wrapper of our own, unconnected
+    params, _ = _aio.session_params(wrapper, prepare=True)
+    assert params is not None and params["autocommit"] and "cursor_factory" not in params
+    assert params["prepare_threshold"] == 0
+    assert _aio.session_params(wrapper, prepare=False)[0]["prepare_threshold"] is None  # type: ignore[index]
+    options = {**wrapper.settings_dict["OPTIONS"], "assume_role": "auditor"}
+    wrapper.settings_dict = {**wrapper.settings_dict, "OPTIONS": options}
+    assert _aio.session_params(wrapper, prepare=True)[0] is None
+
+
+@pytest.mark.skipif(connection.vendor == "postgresql", reason="the other databases")
+async def test_other_databases_use_the_threads(transactional_db: None) -> None:
+    from agent_ledger.stores import _aio
+
+    assert _aio.for_alias("default", limit=2, prepare=True) is None
+
+
+@on_postgres
+async def test_close_connections_closes_the_loops_idle_connections_at_once(
+    transactional_db: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", None)  # never idle-closed
+    django_store.close_connections()
+    count = _pg_backends_counter()
+    baseline = await count()
+    await _run_calls(50)
+    assert await count() > baseline
+    await asyncio.to_thread(django_store.close_connections)
+    assert await _settles_at(count, baseline, timeout=2) == baseline
+    await _run_calls(5)  # and the next calls open new ones

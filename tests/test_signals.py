@@ -181,3 +181,36 @@ async def test_async_calls_send_signals_too(received: list[Any]) -> None:
         ("approval_requested", effect, SYSTEM),
         ("effect_denied", denied.effect, ANN),
     ]
+
+
+async def test_async_calls_send_the_same_signals_where_receivers_may_use_the_orm(
+    transactional_db: None,
+) -> None:
+    """On PostgreSQL the async begin and commit run on the event loop; their signals still
+    reach receivers off the loop (a receiver querying the ORM would fail on it) and after
+    the change committed (the receiver sees it)."""
+    seen: list[tuple[str, str, str]] = []
+
+    def receiver(sender: Any, effect: Any, actor: Actor, signal: Signal, **kw: Any) -> None:
+        stored = EffectRow.objects.get(pk=effect.id).status  # sync ORM: not on the loop
+        seen.append((names[signal], effect.status.value, stored))
+
+    names = {getattr(ledger_signals, name): name for name in ALL}
+    for signal in names:
+        signal.connect(receiver, weak=False)
+    try:
+        store = DjangoStore()
+        asked = (await store.begin(new_effect(EffectStatus.REQUIRES_APPROVAL))).effect
+        running = (await store.begin(new_effect())).effect
+        await store.commit(running.id, CommitSucceeded(1), fence=1, actor=SYSTEM)
+        other = (await store.begin(new_effect())).effect
+        await store.commit(other.id, CommitFailed(EffectError("boom")), fence=1, actor=SYSTEM)
+    finally:
+        for signal in names:
+            signal.disconnect(receiver)
+    assert asked.status is EffectStatus.REQUIRES_APPROVAL
+    assert seen == [
+        ("approval_requested", "requires_approval", "requires_approval"),
+        ("effect_succeeded", "succeeded", "succeeded"),
+        ("effect_failed", "failed", "failed"),
+    ]

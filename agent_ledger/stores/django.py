@@ -5,13 +5,16 @@ real ORM code. The sync twins are what the sync service (admin, DRF, management 
 on the request's own connection and transaction. The async methods run the twin on the store's
 own thread pool (as ``sync_to_async(thread_sensitive=False)`` would), so concurrent coroutines
 use different threads and therefore different connections; a single thread would serialise
-every coroutine of the process behind one connection.
+every coroutine of the process behind one connection. On PostgreSQL the two calls every tool
+call makes, ``begin`` and ``commit``, skip the threads: they run the shared statements on the
+caller's event loop (``_aio``), and only their signals go to a thread, when someone listens.
 
-Connections: at most ``AGENT_LEDGER["ASYNC_THREADS"]`` threads, one connection each. With
-``CONN_MAX_AGE = 0`` a thread closes its connection once it has had no ledger work for a second
-(a burst of calls shares it); with a positive or ``None`` ``CONN_MAX_AGE`` connections persist
-as Django's do. Broken connections are dropped after the call that found them broken.
-``close_connections()`` closes them all at once (tests, shutdown).
+Connections: at most ``AGENT_LEDGER["ASYNC_THREADS"]`` threads, one connection each, and on
+PostgreSQL at most as many of each event loop's own. With ``CONN_MAX_AGE = 0`` a connection is
+closed once it has had no ledger work for a second (a burst of calls shares it); with a positive
+or ``None`` ``CONN_MAX_AGE`` connections persist as Django's do. Broken connections are dropped
+after the call that found them broken. ``close_connections()`` closes them all at once (tests,
+shutdown) and writes the replay counts still held (see ``_pgsql``).
 
 Clocks: ``created_at``/``updated_at`` are written with ``Now()`` and staleness is judged against
 ``Now()`` read in the same locked query, so the database clock decides, not the clocks of the
@@ -61,6 +64,7 @@ from ..types import (
     EffectStatus,
     Transition,
 )
+from . import _aio
 from . import _pgsql as pgsql
 from ._listen import Listener
 from .base import (
@@ -117,7 +121,21 @@ class DjangoStore:
     # -- the async protocol: each runs its sync twin on a worker thread -----------------------
 
     async def begin(self, new: NewEffect) -> BeginRecord:
-        return await self._in_thread(self.begin_sync, new)
+        native = self._native()
+        if native is None:
+            return await self._in_thread(self.begin_sync, new)
+        params = _begin_params(new, _user_id(new.actor))
+        async with native.connection("begin") as conn:
+            for _ in range(_BEGIN_ATTEMPTS):
+                found = await _fetch_async(conn, pgsql.BEGIN, params)
+                if found is not None:
+                    break
+            else:
+                raise _vanished(new)
+        record = _begin_record(self.using, new, found)
+        if record.created:
+            await self._announce(record.effect, None, new.actor)
+        return record
 
     async def get(self, effect_id: str) -> Effect | None:
         return await self._in_thread(self.get_sync, effect_id)
@@ -128,7 +146,41 @@ class DjangoStore:
     async def commit(
         self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
     ) -> Effect | None:
-        return await self._in_thread(self.commit_sync, effect_id, outcome, fence=fence, actor=actor)
+        native = self._native()
+        if native is None:
+            return await self._in_thread(
+                self.commit_sync, effect_id, outcome, fence=fence, actor=actor
+            )
+        pk = parse_uuid(effect_id)
+        if pk is None:
+            return None
+        query, params = _commit_statement(pk, outcome, fence, actor, _user_id(actor))
+        async with native.connection("commit") as conn:
+            committed = await _fetch_async(conn, query, params)
+        if committed is None:
+            return None
+        effect = pgsql.effect_from_row(committed, json_as_text=True)
+        await self._announce(effect, EffectStatus.PROCESSING, actor)
+        return effect
+
+    def _native(self) -> _aio.LoopConnections | None:
+        """This loop's own connections for the hot path (PostgreSQL), else None: threads."""
+        return _aio.for_alias(
+            self.using,
+            limit=ledger_settings.ASYNC_THREADS,
+            prepare=ledger_settings.PREPARE_STATEMENTS,
+        )
+
+    async def _announce(
+        self, effect: Effect, from_status: EffectStatus | None, actor: Actor
+    ) -> None:
+        """``_announce`` for a change committed on the loop: wake waiters here, and send the
+        signal on a store thread (receivers are sync code that may use the ORM), if anyone
+        listens."""
+        _notifier.notify(effect.id, effect)
+        signal = _signal_for(effect, from_status)
+        if signal is not None and signal.has_listeners(EffectRow):
+            await self._in_thread(_send, signal, effect, actor)
 
     async def transition(
         self,
@@ -198,35 +250,18 @@ class DjangoStore:
         using = self.using
         user_id = _user_id(new.actor)
         if _fast_path(using):
-            params = {
-                "id": uuid.UUID(new.id),
-                "idem_key": new.idem_key,
-                "workflow_id": new.workflow_id,
-                "call_id": new.call_id,
-                "tool": new.tool,
-                "status": new.status.value,
-                "args_canonical": new.args_canonical,
-                "resource_id_canonical": new.resource_id_canonical,
-                "from_status": None,
-                "reason": None,
-                "replay_commit": "off",
-                "defer_count": ledger_settings.REPLAY_COUNT_DELAY_SECONDS > 0,
-                **_actor_params(new.actor, user_id),
-            }
+            params = _begin_params(new, user_id)
             with _store_errors("begin"):
                 for _ in range(_BEGIN_ATTEMPTS):
                     found = _fetch(using, pgsql.BEGIN, params)
                     if found is not None:
                         break
                 else:
-                    raise EffectStoreError(f"key {new.idem_key} vanished", operation="begin")
-            unwritten = (
-                0 if found["counted"] else _count_later(using, str(found["id"]), new.idem_key)
-            )
-            effect = pgsql.effect_from_row(found, json_as_text=True, unwritten_replays=unwritten)
-            if found["created"]:
-                _announce(using, effect, None, new.actor)
-            return BeginRecord(effect, created=found["created"])
+                    raise _vanished(new)
+            record = _begin_record(using, new, found)
+            if record.created:
+                _announce(using, record.effect, None, new.actor)
+            return record
         with _store_errors("begin"), transaction.atomic(using=using):
             try:
                 # The unique constraint on idem_key decides fresh vs replay; the savepoint keeps
@@ -288,21 +323,7 @@ class DjangoStore:
         else:
             status, changes = EffectStatus.FAILED, {"error": outcome.error.to_dict()}
         if _fast_path(using):
-            from psycopg.types.json import Jsonb
-
-            query = (
-                pgsql.COMMIT_SUCCEEDED if status is EffectStatus.SUCCEEDED else pgsql.COMMIT_FAILED
-            )
-            value = changes.get("result", changes.get("error"))
-            params = {
-                "id": pk,
-                "status": status.value,
-                "value": None if value is None else Jsonb(value),
-                "fence": fence,
-                "from_status": EffectStatus.PROCESSING.value,
-                "reason": None,
-                **_actor_params(actor, user_id),
-            }
+            query, params = _commit_statement(pk, outcome, fence, actor, user_id)
             with _store_errors("commit"):
                 committed = _fetch(using, query, params)
             if committed is None:
@@ -571,9 +592,11 @@ def close_connections() -> None:
     """
     global _executor
     _stop_listening()
+    _aio.close_all()
     if any(_replay_counts.values()):
-        # On a store thread: never inside the caller's transaction.
-        _get_executor().submit(functools.partial(_in_worker, _write_all_counts)).result()
+        # On a store thread: never inside the caller's transaction. A failure is logged and
+        # the counts are kept for a later try; closing goes on.
+        _get_executor().submit(functools.partial(_in_worker, _write_all_counts_quietly)).result()
     with _executor_lock:
         executor, _executor = _executor, None
     if executor is not None:
@@ -648,9 +671,13 @@ def _record(
 def _announce(using: str, effect: Effect, from_status: EffectStatus | None, actor: Actor) -> None:
     """Once the change commits: wake this process's waiters and send the status's signal."""
     transaction.on_commit(lambda: _notifier.notify(effect.id, effect), using=using)
-    signal = _SIGNALS.get(effect.status) if from_status is not effect.status else None
+    signal = _signal_for(effect, from_status)
     if signal is not None:
         transaction.on_commit(lambda: _send(signal, effect, actor), using=using)
+
+
+def _signal_for(effect: Effect, from_status: EffectStatus | None) -> Signal | None:
+    return _SIGNALS.get(effect.status) if from_status is not effect.status else None
 
 
 def _send(signal: Signal, effect: Effect, actor: Actor) -> None:
@@ -675,6 +702,69 @@ _listeners: dict[str, Listener] = {}
 _listeners_lock = threading.Lock()
 
 
+def _begin_params(new: NewEffect, user_id: Any) -> dict[str, Any]:
+    return {
+        "id": uuid.UUID(new.id),
+        "idem_key": new.idem_key,
+        "workflow_id": new.workflow_id,
+        "call_id": new.call_id,
+        "tool": new.tool,
+        "status": new.status.value,
+        "args_canonical": new.args_canonical,
+        "resource_id_canonical": new.resource_id_canonical,
+        "from_status": None,
+        "reason": None,
+        "replay_commit": "off",
+        "defer_count": ledger_settings.REPLAY_COUNT_DELAY_SECONDS > 0,
+        **_actor_params(new.actor, user_id),
+    }
+
+
+def _begin_record(using: str, new: NewEffect, found: dict[str, Any]) -> BeginRecord:
+    """The outcome of ``pgsql.BEGIN``; a replay of a finished effect is counted later."""
+    unwritten = 0 if found["counted"] else _count_later(using, str(found["id"]), new.idem_key)
+    effect = pgsql.effect_from_row(found, json_as_text=True, unwritten_replays=unwritten)
+    return BeginRecord(effect, created=found["created"])
+
+
+def _vanished(new: NewEffect) -> EffectStoreError:
+    return EffectStoreError(
+        f"key {new.idem_key} was neither inserted nor found after {_BEGIN_ATTEMPTS} attempts",
+        operation="begin",
+    )
+
+
+def _commit_statement(
+    pk: uuid.UUID, outcome: CommitOutcome, fence: int | None, actor: Actor, user_id: Any
+) -> tuple[str, dict[str, Any]]:
+    from psycopg.types.json import Jsonb
+
+    if isinstance(outcome, CommitSucceeded):
+        query, status = pgsql.COMMIT_SUCCEEDED, EffectStatus.SUCCEEDED
+        value = None if outcome.result is None else Jsonb(outcome.result)
+    else:
+        query, status = pgsql.COMMIT_FAILED, EffectStatus.FAILED
+        value = Jsonb(outcome.error.to_dict())
+    return query, {
+        "id": pk,
+        "status": status.value,
+        "value": value,
+        "fence": fence,
+        "from_status": EffectStatus.PROCESSING.value,
+        "reason": None,
+        **_actor_params(actor, user_id),
+    }
+
+
+async def _fetch_async(conn: Any, query: str, params: dict[str, Any]) -> dict[str, Any] | None:
+    from psycopg.rows import dict_row
+
+    cursor = conn.cursor(row_factory=dict_row)
+    await cursor.execute(query, params)
+    row: dict[str, Any] | None = await cursor.fetchone()
+    return row
+
+
 def _fast_path(using: str) -> bool:
     """On PostgreSQL, outside the caller's transaction, ``begin`` and ``commit`` run the shared
     single statements (``_pgsql``): one round trip each, history row included, where the ORM
@@ -687,37 +777,39 @@ def _fast_path(using: str) -> bool:
 def _fetch(using: str, query: str, params: dict[str, Any]) -> dict[str, Any] | None:
     with _statement_cursor(using) as cursor:
         cursor.execute(query, params)
-        row = cursor.fetchone()
-        if row is None:
-            return None
-        return {column.name: value for column, value in zip(cursor.description, row, strict=True)}
+        row: dict[str, Any] | None = cursor.fetchone()
+        return row
 
 
 def _statement_cursor(using: str) -> Any:
     """A cursor for the shared statements, still wrapped by Django (its error classes,
-    ``execute_wrapper`` and query logging) but binding parameters on the server and, unless
-    ``AGENT_LEDGER["PREPARE_STATEMENTS"]`` is off, preparing them.
+    ``execute_wrapper`` and query logging) but binding parameters on the server, returning
+    dicts and, unless ``AGENT_LEDGER["PREPARE_STATEMENTS"]`` is off, preparing the statement.
 
     Django's own cursors bind on the client, so PostgreSQL parses and plans each statement
     anew: for these CTEs planning costs about as much as running them. A prepared statement is
     planned once per connection (pooled and persistent connections keep it)."""
     db = connections[using]
-    if not ledger_settings.PREPARE_STATEMENTS:
-        return db.cursor()
     db.close_if_health_check_failed()
     db.ensure_connection()
     with db.wrap_database_errors:
-        cursor = _prepared_cursor_class()(db.connection)
+        cursor = _cursor_class(ledger_settings.PREPARE_STATEMENTS)(db.connection)
         return db.make_debug_cursor(cursor) if db.queries_logged else db.make_cursor(cursor)
 
 
 @functools.cache
-def _prepared_cursor_class() -> type[Any]:
+def _cursor_class(prepare: bool) -> type[Any]:
     # Imported here: SQLite projects need not have psycopg.
     import psycopg
+    from psycopg.rows import dict_row
 
-    class PreparedCursor(psycopg.Cursor[Any]):
+    class StatementCursor(psycopg.Cursor[Any]):
+        def __init__(self, connection: Any) -> None:
+            super().__init__(connection, row_factory=dict_row)
+
         def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+            if not prepare:
+                return super().execute(query, params)
             # Django turns preparing off on its connections (``prepare_threshold`` None, for
             # PgBouncer's sake) and psycopg then ignores ``prepare=True``: lift that for this
             # call only, so the project's own queries keep Django's setting.
@@ -729,7 +821,7 @@ def _prepared_cursor_class() -> type[Any]:
             finally:
                 conn.prepare_threshold = threshold
 
-    return PreparedCursor
+    return StatementCursor
 
 
 def _actor_params(actor: Actor, user_id: Any) -> dict[str, Any]:
@@ -796,7 +888,7 @@ def _counts_due(using: str) -> None:
 def _write_counts_quietly(using: str) -> None:
     try:
         _write_counts(using)
-    except EffectStoreError:
+    except Exception:
         # Kept, not lost: the next replay, read or close_connections() tries again.
         logger.warning("agent_ledger: could not write replay counts yet", exc_info=True)
 
@@ -827,10 +919,15 @@ def _write_counts(using: str) -> None:
         counts.written(taken)
 
 
-def _write_all_counts() -> None:
+def _write_all_counts_quietly() -> None:
     for using, counts in list(_replay_counts.items()):
         if counts:
-            _write_counts(using)
+            try:
+                _write_counts(using)
+            except Exception:
+                logger.warning(
+                    "agent_ledger: could not write replay counts of %r yet", using, exc_info=True
+                )
 
 
 def _stop_listening() -> None:

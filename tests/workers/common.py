@@ -8,6 +8,7 @@ command line, so a worker sees exactly the tables the spawning test made.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -98,9 +99,13 @@ async def open_store(
     """A PostgresStore on its own pool, or a DjangoStore (Django configured first)."""
     if kind == "django":
         configure_django(conninfo, schema, application_name=application_name, threads=pool_size)
-        from agent_ledger.stores.django import DjangoStore
+        from agent_ledger.stores.django import DjangoStore, close_connections
 
-        yield DjangoStore()
+        try:
+            yield DjangoStore()
+        finally:
+            # What a worker's shutdown must do: also writes the replay counts it still holds.
+            await asyncio.to_thread(close_connections)
         return
     from psycopg_pool import AsyncConnectionPool
 
@@ -116,10 +121,14 @@ async def open_store(
         open=False,
     )
     await pool.open(wait=True, timeout=10)
+    store = PostgresStore(pool=pool)
     try:
-        yield PostgresStore(pool=pool)
+        yield store
     finally:
-        await pool.close()
+        try:
+            await store.aclose()  # writes the replay counts it still holds
+        finally:
+            await pool.close()
 
 
 async def connect(conninfo: str, schema: str, **kwargs: Any) -> psycopg.AsyncConnection[Any]:
