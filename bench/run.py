@@ -290,6 +290,9 @@ async def count_round_trips(
             trace = counter.trace or []
             counter.reset()
             await target.phase({"kind": kind, "prefix": "cn", "n": n, "concurrency": 1})
+            # Writes a target holds back (our stores' batched replay counts) belong to the
+            # calls that caused them: count them here, shared among the n calls.
+            await target.finish_writes()
             stats = counter.snapshot().as_dict()
         finally:
             await target.close()

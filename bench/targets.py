@@ -61,6 +61,9 @@ class Target:
     async def close(self) -> None:
         raise NotImplementedError
 
+    async def finish_writes(self) -> None:
+        """Write now whatever the target holds back for a later write (nothing, mostly)."""
+
 
 async def _truncate(schema: str) -> None:
     async with await AsyncConnection.connect(
@@ -174,6 +177,11 @@ class OursPostgresTarget(_OursTarget):
         self._store = self._module.PostgresStore(pool=self._pool)
         self._ledger = EffectLedger(EffectLedgerOptions(store=self._store))
 
+    async def finish_writes(self) -> None:
+        # The replay counts of finished effects, which the store writes in batches.
+        if self._store is not None:
+            await self._store.aclose()
+
     async def close(self) -> None:
         # Whatever the store started beside the pool (a LISTEN connection, say) goes too.
         closer = getattr(self._store, "aclose", None) or getattr(self._store, "close", None)
@@ -204,6 +212,13 @@ class OursDjangoTarget(_OursTarget):
         # The pool size comes from settings (AGENT_LEDGER_BENCH_POOL), set before setup.
         await self._reset_pool(port, prefill=True)
         self._ledger = EffectLedger(EffectLedgerOptions(store=self._store_class()))
+
+    async def finish_writes(self) -> None:
+        # The replay counts of finished effects, which the store writes in batches;
+        # close_connections() writes them (and closes connections the next call reopens).
+        from agent_ledger.stores import django as django_store
+
+        await asyncio.to_thread(django_store.close_connections)
 
     async def close(self) -> None:
         await self._reset_pool(None, prefill=False)

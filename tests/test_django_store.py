@@ -835,3 +835,29 @@ async def test_close_connections_closes_the_loops_idle_connections_at_once(
     await asyncio.to_thread(django_store.close_connections)
     assert await _settles_at(count, baseline, timeout=2) == baseline
     await _run_calls(5)  # and the next calls open new ones
+
+
+@pg_statements
+@override_settings(AGENT_LEDGER={"REPLAY_COUNT_DELAY_SECONDS": 30})
+async def test_a_storm_on_one_key_costs_one_statement_on_the_loop(
+    transactional_db: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    statements: list[str] = []
+    original = django_store._fetch_async
+
+    async def spy(conn: Any, query: str, params: Any) -> Any:
+        statements.append(query)
+        await asyncio.sleep(0.05)  # keep the first statement in flight while the others arrive
+        return await original(conn, query, params)
+
+    monkeypatch.setattr(django_store, "_fetch_async", spy)
+    store = DjangoStore()
+    new = new_effect()
+    records = await asyncio.gather(
+        store.begin(new), *(store.begin(new_effect(idem_key=new.idem_key)) for _ in range(15))
+    )
+    assert statements.count(django_store.pgsql.BEGIN) == 1
+    assert [r.created for r in records] == [True] + [False] * 15
+    assert sorted(r.effect.dedup_count for r in records) == list(range(16))
+    effect = await store.get(new.id)  # written before the read
+    assert effect is not None and effect.dedup_count == 15

@@ -550,3 +550,88 @@ async def test_replay_count_delay_must_be_seconds(store: PostgresStore, value: A
     with pytest.raises(EffectLedgerValidationError) as caught:
         PostgresStore(pool=store._pool, replay_count_delay_s=value)
     assert caught.value.field == "replay_count_delay_s"
+
+
+# -- concurrent begins of one key share one statement -----------------------------------------
+
+
+async def test_a_storm_on_one_key_costs_one_statement(
+    schema: str, db: psycopg.AsyncConnection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    statements: list[str] = []
+    original = postgres._fetchone
+
+    async def spy(conn: Any, query: str, params: Any) -> Any:
+        statements.append(query)
+        await asyncio.sleep(0.05)  # keep the first statement in flight while the others arrive
+        return await original(conn, query, params)
+
+    monkeypatch.setattr(postgres, "_fetchone", spy)
+    async with schema_pool(schema) as pool:
+        store = PostgresStore(pool=pool, replay_count_delay_s=30)
+        new = new_effect()
+        records = await asyncio.gather(
+            store.begin(new), *(store.begin(_again(new)) for _ in range(31))
+        )
+        assert statements.count(_pgsql.BEGIN) == 1
+        assert [r.created for r in records] == [True] + [False] * 31
+        assert {r.effect.id for r in records} == {new.id}
+        assert sorted(r.effect.dedup_count for r in records) == list(range(32))
+        effect = await store.get(new.id)  # the followers' counts are written before a read
+        assert effect is not None and effect.dedup_count == 31
+        assert await _row_count(db, new.id) == 31
+        await store.aclose()
+
+
+async def test_when_the_first_begin_is_cancelled_the_others_run_their_own(
+    schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = postgres._fetchone
+    first_in_flight = asyncio.Event()
+
+    async def slow(conn: Any, query: str, params: Any) -> Any:
+        first_in_flight.set()
+        await asyncio.sleep(0.2)
+        return await original(conn, query, params)
+
+    monkeypatch.setattr(postgres, "_fetchone", slow)
+    async with schema_pool(schema) as pool:
+        store = PostgresStore(pool=pool)
+        new = new_effect()
+        first = asyncio.ensure_future(store.begin(new))
+        await first_in_flight.wait()
+        others = [asyncio.ensure_future(store.begin(_again(new))) for _ in range(3)]
+        await asyncio.sleep(0)
+        first.cancel()
+        records = await asyncio.gather(*others)
+        assert sum(r.created for r in records) == 1  # one of them created it after all
+        assert {r.effect.idem_key for r in records} == {new.idem_key}
+        store.close()
+
+
+async def test_a_failing_first_begin_fails_its_followers_with_the_same_error(
+    schema: str, db: psycopg.AsyncConnection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await db.execute(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'refused'; END $$;"
+        " CREATE TRIGGER refuse BEFORE INSERT ON agent_ledger_effect"
+        " FOR EACH ROW EXECUTE FUNCTION refuse()"
+    )
+    original = postgres._fetchone
+
+    async def slow(conn: Any, query: str, params: Any) -> Any:
+        await asyncio.sleep(0.05)
+        return await original(conn, query, params)
+
+    monkeypatch.setattr(postgres, "_fetchone", slow)
+    async with schema_pool(schema) as pool:
+        store = PostgresStore(pool=pool)
+        new = new_effect()
+        outcomes = await asyncio.gather(
+            store.begin(new), *(store.begin(_again(new)) for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(o, EffectStoreError) for o in outcomes), outcomes
+        assert len({id(o) for o in outcomes}) == 1  # one statement, one error, shared
+        assert await fetch(db, "SELECT count(*) FROM agent_ledger_effect") == [(0,)]
+        store.close()

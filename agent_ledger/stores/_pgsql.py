@@ -23,6 +23,10 @@ Replays, counted without making them writes that wait:
   store set to write every count at once passes ``defer_count`` false: finished effects are
   then counted like live ones.
 
+Concurrent begins of one key in one process (a retry storm) share one statement
+(``SharedBegins``): the others are replays of its outcome, counted like finished ones, and
+woken by the process's own notifier.
+
 What a crash can lose: replay counts only, never an effect, an outcome or a history row
 (creations and outcomes keep the server's ``synchronous_commit``). A crash of the worker process
 loses the counts of finished effects it had not written yet (at most ``REPLAY_COUNT_DELAY_S``
@@ -33,15 +37,17 @@ processes (the admin, say) see a count up to ``REPLAY_COUNT_DELAY_S`` behind.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
 from ..types import Effect, EffectError, EffectStatus
-from .base import CHANNEL
+from .base import CHANNEL, BeginRecord
 
 __all__ = [
     "BEGIN",
@@ -57,6 +63,7 @@ __all__ = [
     "REPLAY_COUNT_DELAY_S",
     "TRANSITION",
     "ReplayCounts",
+    "SharedBegins",
     "count_params",
     "effect_from_row",
 ]
@@ -177,6 +184,53 @@ class ReplayCounts:
     def __bool__(self) -> bool:
         with self._lock:
             return bool(self._pending)
+
+
+class SharedBegins:
+    """Concurrent begins of one key in one process and event loop share one statement.
+
+    A retry storm (many coroutines of one agent process making the same tool call at once)
+    then costs one round trip instead of a queue of writers on the same row: the first
+    caller's statement decides, and the others are replays of its outcome, counted with
+    ``ReplayCounts`` (``count``). They wait in this process, woken by its own notifier, so no
+    commit has to notify them through the server. Use one instance per event loop.
+    """
+
+    def __init__(self, count: Callable[[str, str], int]) -> None:
+        self._count = count
+        self._inflight: dict[str, _Flight] = {}
+
+    async def begin(self, idem_key: str, run: Callable[[], Awaitable[BeginRecord]]) -> BeginRecord:
+        while (flight := self._inflight.get(idem_key)) is not None:
+            first = await asyncio.shield(flight.outcome)
+            if first is not None:
+                self._count(first.effect.id, idem_key)
+                flight.followers += 1
+                dedup_count = first.effect.dedup_count + flight.followers
+                return BeginRecord(replace(first.effect, dedup_count=dedup_count), created=False)
+            # The first caller was cancelled before its statement settled: try again.
+        flight = self._inflight[idem_key] = _Flight(asyncio.get_running_loop().create_future())
+        try:
+            record = await run()
+        except asyncio.CancelledError:
+            flight.outcome.set_result(None)
+            raise
+        except BaseException as exc:
+            flight.outcome.set_exception(exc)
+            flight.outcome.exception()  # the followers re-raise it; nobody else must look
+            raise
+        finally:
+            del self._inflight[idem_key]
+        flight.outcome.set_result(record)
+        return record
+
+
+class _Flight:
+    __slots__ = ("followers", "outcome")
+
+    def __init__(self, outcome: asyncio.Future[BeginRecord | None]) -> None:
+        self.outcome = outcome
+        self.followers = 0
 
 
 def count_params(taken: Mapping[str, tuple[int, str]], replay_commit: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ import logging
 import queue
 import threading
 import uuid
+import weakref
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Executor, Future
 from contextlib import contextmanager
@@ -124,15 +125,25 @@ class DjangoStore:
         native = self._native()
         if native is None:
             return await self._in_thread(self.begin_sync, new)
+        using = self.using
+        begins = _shared_begins.get(native)
+        if begins is None:
+            begins = _shared_begins[native] = pgsql.SharedBegins(
+                functools.partial(_count_later, using)
+            )
         params = _begin_params(new, _user_id(new.actor))
-        async with native.connection("begin") as conn:
-            for _ in range(_BEGIN_ATTEMPTS):
-                found = await _fetch_async(conn, pgsql.BEGIN, params)
-                if found is not None:
-                    break
-            else:
-                raise _vanished(new)
-        record = _begin_record(self.using, new, found)
+
+        async def statement() -> BeginRecord:
+            async with native.connection("begin") as conn:
+                for _ in range(_BEGIN_ATTEMPTS):
+                    found = await _fetch_async(conn, pgsql.BEGIN, params)
+                    if found is not None:
+                        break
+                else:
+                    raise _vanished(new)
+            return _begin_record(using, new, found)
+
+        record = await begins.begin(new.idem_key, statement)
         if record.created:
             await self._announce(record.effect, None, new.actor)
         return record
@@ -852,6 +863,10 @@ def _listen(using: str) -> None:
 # -- replay counts of finished effects (see ``_pgsql``) -----------------------------------------
 
 _replay_counts: dict[str, pgsql.ReplayCounts] = {}
+#: Each event loop's shared begins (``pgsql.SharedBegins``), beside its connections.
+_shared_begins: weakref.WeakKeyDictionary[_aio.LoopConnections, pgsql.SharedBegins] = (
+    weakref.WeakKeyDictionary()
+)
 _count_locks: dict[str, threading.Lock] = {}
 _counts_lock = threading.Lock()
 

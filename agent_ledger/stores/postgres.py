@@ -184,6 +184,7 @@ class PostgresStore:
         self._count_lock: asyncio.Lock | None = None
         self._count_timer: asyncio.TimerHandle | None = None
         self._count_tasks: set[asyncio.Task[None]] = set()
+        self._begins = sql.SharedBegins(self._count_later)
         self._notifier = ChangeNotifier()
         self._listener = Listener(self._listen_connection, self._notifier) if listen else None
         # The loop the pool lives on: its locks and workers belong to it. Known here when the
@@ -263,6 +264,9 @@ class PostgresStore:
     # -- writes --------------------------------------------------------------------------------
 
     async def _begin(self, new: NewEffect) -> BeginRecord:
+        return await self._begins.begin(new.idem_key, lambda: self._begin_statement(new))
+
+    async def _begin_statement(self, new: NewEffect) -> BeginRecord:
         params = {
             "id": uuid.UUID(new.id),
             "idem_key": new.idem_key,
@@ -293,13 +297,7 @@ class PostgresStore:
             effect = sql.effect_from_row(row)
             self._changed(effect)
             return BeginRecord(effect, created=True)
-        unwritten = 0
-        if not row["counted"]:
-            unwritten, schedule = self._counts.add(str(row["id"]), row["idem_key"])
-            if schedule:
-                self._count_timer = asyncio.get_running_loop().call_later(
-                    self._count_delay_s, self._counts_due
-                )
+        unwritten = 0 if row["counted"] else self._count_later(str(row["id"]), row["idem_key"])
         return BeginRecord(sql.effect_from_row(row, unwritten_replays=unwritten), created=False)
 
     async def _commit(
@@ -469,6 +467,15 @@ class PostgresStore:
         return psycopg.connect(conninfo, autocommit=True, **kwargs)
 
     # -- replay counts of finished effects (see ``_pgsql``) -------------------------------------
+
+    def _count_later(self, effect_id: str, idem_key: str) -> int:
+        """Hold a replay's count for the next write; return the effect's unwritten count."""
+        unwritten, schedule = self._counts.add(effect_id, idem_key)
+        if schedule:
+            self._count_timer = asyncio.get_running_loop().call_later(
+                self._count_delay_s, self._counts_due
+            )
+        return unwritten
 
     def _counts_due(self) -> None:
         self._count_timer = None
