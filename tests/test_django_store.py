@@ -243,7 +243,7 @@ async def test_a_connection_broken_mid_call_does_not_poison_the_next(
     monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", None)
     store = DjangoStore()
     effect = (await store.begin(new_effect())).effect
-    assert await store.get(effect.id) == effect  # reads run on the thread, on its connection
+    assert len(await store.history(effect.id)) == 1  # history runs on the thread's connection
 
     def break_it() -> object:
         broken = connection.connection
@@ -252,9 +252,9 @@ async def test_a_connection_broken_mid_call_does_not_poison_the_next(
 
     broken = await on_thread(one_thread, break_it)
     with pytest.raises(EffectStoreError) as caught:
-        await store.get(effect.id)
+        await store.history(effect.id)
     assert isinstance(caught.value.__cause__, DatabaseError)
-    assert await store.get(effect.id) == effect
+    assert len(await store.history(effect.id)) == 1
     fresh = await on_thread(one_thread, lambda: connection.connection)
     assert fresh is not None and fresh is not broken
 
@@ -286,10 +286,10 @@ async def test_persistent_connections_are_kept_when_idle(
 ) -> None:
     monkeypatch.setitem(connection.settings_dict, "CONN_MAX_AGE", None)
     store = DjangoStore()
-    await store.get(str(uuid.uuid4()))
+    await store.history(str(uuid.uuid4()))
     first = await on_thread(one_thread, lambda: connection.connection)
     await asyncio.sleep(0.2)
-    await store.get(str(uuid.uuid4()))
+    await store.history(str(uuid.uuid4()))
     assert await on_thread(one_thread, lambda: connection.connection) is first
 
 
@@ -305,7 +305,7 @@ async def test_shutting_the_threads_down_closes_their_connections(
         closed.append(True)
 
     store = DjangoStore()
-    await asyncio.gather(*(store.get(str(uuid.uuid4())) for _ in range(4)))
+    await asyncio.gather(*(store.history(str(uuid.uuid4())) for _ in range(4)))
     threads = len(django_store._get_executor()._threads)
     with mock.patch.object(connections, "close_all", spy):
         await asyncio.to_thread(django_store.close_connections)
@@ -542,16 +542,16 @@ async def test_async_calls_run_off_the_event_loop_on_several_threads(
 ) -> None:
     store = DjangoStore()
     seen: set[int] = set()
-    original = DjangoStore.get_sync
+    original = DjangoStore.history_sync
 
-    def slow_get(self: DjangoStore, effect_id: str) -> Any:
+    def slow_history(self: DjangoStore, effect_id: str) -> Any:
         seen.add(threading.get_ident())
         time.sleep(0.2)
         return original(self, effect_id)
 
-    with mock.patch.object(DjangoStore, "get_sync", slow_get):
+    with mock.patch.object(DjangoStore, "history_sync", slow_history):
         started = time.monotonic()
-        await asyncio.gather(*(store.get(str(uuid.uuid4())) for _ in range(8)))
+        await asyncio.gather(*(store.history(str(uuid.uuid4())) for _ in range(8)))
         elapsed = time.monotonic() - started
     assert threading.get_ident() not in seen
     assert len(seen) == 8
@@ -774,7 +774,7 @@ class _CountingThreads(django_store._LedgerThreads):
 async def test_begin_and_commit_run_on_the_loop_without_a_thread(
     transactional_db: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every tool call's two statements skip the hand-off to a worker thread and back."""
+    """Every tool call's statements (and waiters' polls) skip the hand-off to a thread."""
     threads = _CountingThreads(4)
     monkeypatch.setattr(django_store, "_executor", threads)
     assert not signals_listened()
@@ -786,10 +786,11 @@ async def test_begin_and_commit_run_on_the_loop_without_a_thread(
 
     first = await ledger.run(call, handler)
     assert await ledger.run(call, handler) == first  # a replay of a finished effect
-    assert threads.submitted == 0
-    effect = await ledger.find_by_idem_key(ledger.idem_key(call))  # reads keep the threads
-    assert threads.submitted == 1
+    effect = await ledger.find_by_idem_key(ledger.idem_key(call))  # reads too (waiters poll)
     assert effect is not None and (effect.status, effect.dedup_count) == ("succeeded", 1)
+    assert threads.submitted == 0
+    assert len(await ledger.history(effect.id)) == 2  # the rest keeps the threads
+    assert threads.submitted == 1
 
 
 def signals_listened() -> bool:

@@ -2,10 +2,10 @@
 
 Why: the ledger calls ``begin`` and ``commit`` on every tool call. Handing each to a worker
 thread and back costs two thread wake-ups and Django's per-call connection bookkeeping, about
-as much as the statement itself, so on PostgreSQL these two run here instead: the shared
-single statements (``_pgsql``) on asyncio psycopg connections of the caller's own loop.
-Everything else (decisions, claims, reads, and anything inside the caller's ``atomic()``)
-keeps the worker threads and the ORM.
+as much as the statement itself, so on PostgreSQL these two (and the reads that waiting
+callers poll with, many at once) run here instead: the shared statements (``_pgsql``) on
+asyncio psycopg connections of the caller's own loop. Everything else (decisions, claims,
+history, and anything inside the caller's ``atomic()``) keeps the worker threads and the ORM.
 
 Connections are made from Django's own parameters for the alias (so ``OPTIONS``, the adapters
 Django registers and the ``application_name`` carry over), in autocommit, at most

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -48,6 +49,8 @@ from typing import Any
 
 from ..types import Effect, EffectError, EffectStatus
 from .base import CHANNEL, BeginRecord
+
+logger = logging.getLogger("agent_ledger")
 
 __all__ = [
     "BEGIN",
@@ -190,38 +193,58 @@ class SharedBegins:
     """Concurrent begins of one key in one process and event loop share one statement.
 
     A retry storm (many coroutines of one agent process making the same tool call at once)
-    then costs one round trip instead of a queue of writers on the same row: the first
-    caller's statement decides, and the others are replays of its outcome, counted with
-    ``ReplayCounts`` (``count``). They wait in this process, woken by its own notifier, so no
-    commit has to notify them through the server. Use one instance per event loop.
+    then costs one statement instead of a queue of writers on the same row: the first caller's
+    statement decides, and the others are replays of its outcome. They are counted the way a
+    replay is: those of a finished effect with ``count_later`` (``ReplayCounts``), those of a
+    live one (who will wait for it) at once, all together, by ``count_now(effect_id, n)``
+    before anyone goes on. They wait in this process, woken by its own notifier. Use one
+    instance per event loop.
     """
 
-    def __init__(self, count: Callable[[str, str], int]) -> None:
-        self._count = count
+    def __init__(
+        self,
+        count_later: Callable[[str, str], int],
+        count_now: Callable[[str, int], Awaitable[None]],
+    ) -> None:
+        self._count_later = count_later
+        self._count_now = count_now
         self._inflight: dict[str, _Flight] = {}
 
     async def begin(self, idem_key: str, run: Callable[[], Awaitable[BeginRecord]]) -> BeginRecord:
         while (flight := self._inflight.get(idem_key)) is not None:
+            flight.followers += 1
+            position = flight.followers
             first = await asyncio.shield(flight.outcome)
             if first is not None:
-                self._count(first.effect.id, idem_key)
-                flight.followers += 1
-                dedup_count = first.effect.dedup_count + flight.followers
-                return BeginRecord(replace(first.effect, dedup_count=dedup_count), created=False)
+                effect = first.effect
+                if effect.is_terminal:
+                    self._count_later(effect.id, idem_key)
+                effect = replace(effect, dedup_count=effect.dedup_count + position)
+                return BeginRecord(effect, created=False)
             # The first caller was cancelled before its statement settled: try again.
         flight = self._inflight[idem_key] = _Flight(asyncio.get_running_loop().create_future())
         try:
             record = await run()
         except asyncio.CancelledError:
+            del self._inflight[idem_key]
             flight.outcome.set_result(None)
             raise
         except BaseException as exc:
+            del self._inflight[idem_key]
             flight.outcome.set_exception(exc)
             flight.outcome.exception()  # the followers re-raise it; nobody else must look
             raise
+        del self._inflight[idem_key]  # later callers make their own statement
+        try:
+            if flight.followers and not record.effect.is_terminal:
+                await self._count_now(record.effect.id, flight.followers)
+        except Exception:
+            # The begin itself stands: keep the counts for the next batch instead.
+            logger.warning("agent_ledger: counting replays later", exc_info=True)
+            for _ in range(flight.followers):
+                self._count_later(record.effect.id, idem_key)
         finally:
-            del self._inflight[idem_key]
-        flight.outcome.set_result(record)
+            flight.outcome.set_result(record)
         return record
 
 

@@ -5,9 +5,10 @@ real ORM code. The sync twins are what the sync service (admin, DRF, management 
 on the request's own connection and transaction. The async methods run the twin on the store's
 own thread pool (as ``sync_to_async(thread_sensitive=False)`` would), so concurrent coroutines
 use different threads and therefore different connections; a single thread would serialise
-every coroutine of the process behind one connection. On PostgreSQL the two calls every tool
-call makes, ``begin`` and ``commit``, skip the threads: they run the shared statements on the
-caller's event loop (``_aio``), and only their signals go to a thread, when someone listens.
+every coroutine of the process behind one connection. On PostgreSQL the calls on every tool
+call's path, ``begin`` and ``commit``, and the reads waiters poll with, skip the threads: they
+run the shared statements on the caller's event loop (``_aio``), and only signals go to a
+thread, when someone listens. Concurrent begins of one key share one statement there.
 
 Connections: at most ``AGENT_LEDGER["ASYNC_THREADS"]`` threads, one connection each, and on
 PostgreSQL at most as many of each event loop's own. With ``CONN_MAX_AGE = 0`` a connection is
@@ -128,8 +129,14 @@ class DjangoStore:
         using = self.using
         begins = _shared_begins.get(native)
         if begins is None:
+
+            async def count_now(effect_id: str, count: int) -> None:
+                params = pgsql.count_params({effect_id: (count, "")}, "off")
+                async with native.connection("count replays") as conn:
+                    await conn.execute(pgsql.COUNT_REPLAYS, params)
+
             begins = _shared_begins[native] = pgsql.SharedBegins(
-                functools.partial(_count_later, using)
+                functools.partial(_count_later, using), count_now
             )
         params = _begin_params(new, _user_id(new.actor))
 
@@ -149,10 +156,26 @@ class DjangoStore:
         return record
 
     async def get(self, effect_id: str) -> Effect | None:
-        return await self._in_thread(self.get_sync, effect_id)
+        # Waiters poll with reads, many at once: on the loop too, or they crowd the threads.
+        native = self._native()
+        if native is None:
+            return await self._in_thread(self.get_sync, effect_id)
+        pk = parse_uuid(effect_id)
+        if pk is None:
+            return None
+        await _write_counts_owed_async(self.using, native, effect_id=effect_id)
+        async with native.connection("get") as conn:
+            row = await _fetch_async(conn, pgsql.GET, (pk,))
+        return None if row is None else pgsql.effect_from_row(row, json_as_text=True)
 
     async def get_by_idem_key(self, idem_key: str) -> Effect | None:
-        return await self._in_thread(self.get_by_idem_key_sync, idem_key)
+        native = self._native()
+        if native is None:
+            return await self._in_thread(self.get_by_idem_key_sync, idem_key)
+        await _write_counts_owed_async(self.using, native, idem_key=idem_key)
+        async with native.connection("get_by_idem_key") as conn:
+            row = await _fetch_async(conn, pgsql.GET_BY_KEY, (idem_key,))
+        return None if row is None else pgsql.effect_from_row(row, json_as_text=True)
 
     async def commit(
         self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
@@ -767,7 +790,9 @@ def _commit_statement(
     }
 
 
-async def _fetch_async(conn: Any, query: str, params: dict[str, Any]) -> dict[str, Any] | None:
+async def _fetch_async(
+    conn: Any, query: str, params: dict[str, Any] | tuple[Any, ...]
+) -> dict[str, Any] | None:
     from psycopg.rows import dict_row
 
     cursor = conn.cursor(row_factory=dict_row)
@@ -917,6 +942,30 @@ def _write_counts_owed(
     owed = counts is not None and counts.owes(effect_id=effect_id, idem_key=idem_key)
     if owed and _fast_path(using):
         _write_counts(using)
+
+
+async def _write_counts_owed_async(
+    using: str,
+    native: _aio.LoopConnections,
+    *,
+    effect_id: str | None = None,
+    idem_key: str | None = None,
+) -> None:
+    """``_write_counts_owed`` on the loop: write what is pending here, and wait for a write a
+    store thread has under way (it holds counts this read must see)."""
+    counts = _replay_counts.get(using)
+    while counts is not None and counts.owes(effect_id=effect_id, idem_key=idem_key):
+        taken = counts.take()
+        if not taken:
+            await asyncio.sleep(0.002)  # a thread is writing them
+            continue
+        try:
+            async with native.connection("count replays") as conn:
+                await conn.execute(pgsql.COUNT_REPLAYS, pgsql.count_params(taken, "off"))
+        except BaseException:
+            counts.back(taken)
+            raise
+        counts.written(taken)
 
 
 def _write_counts(using: str) -> None:

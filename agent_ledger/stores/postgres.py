@@ -184,7 +184,7 @@ class PostgresStore:
         self._count_lock: asyncio.Lock | None = None
         self._count_timer: asyncio.TimerHandle | None = None
         self._count_tasks: set[asyncio.Task[None]] = set()
-        self._begins = sql.SharedBegins(self._count_later)
+        self._begins = sql.SharedBegins(self._count_later, self._count_now)
         self._notifier = ChangeNotifier()
         self._listener = Listener(self._listen_connection, self._notifier) if listen else None
         # The loop the pool lives on: its locks and workers belong to it. Known here when the
@@ -476,6 +476,11 @@ class PostgresStore:
                 self._count_delay_s, self._counts_due
             )
         return unwritten
+
+    async def _count_now(self, effect_id: str, count: int) -> None:
+        params = sql.count_params({effect_id: (count, "")}, self._replay_commit)
+        async with self._connection("count replays") as conn:
+            await conn.execute(sql.COUNT_REPLAYS, params)
 
     def _counts_due(self) -> None:
         self._count_timer = None

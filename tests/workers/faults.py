@@ -221,10 +221,20 @@ async def idle_connections_killed(kit: Kit) -> None:
     await asyncio.gather(*(kit.store.get(effect.id) for _ in range(4)))
     async with await connect(kit.conninfo, kit.schema) as admin:
         cursor = await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name = %s",
             (kit.application_name,),
         )
-        await cursor.fetchall()
+        killed = [pid for pid, _ in await cursor.fetchall()]
+        # Between calls: the backends are gone (and their sockets closed) before the next one.
+        for _ in range(500):
+            cursor = await admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (killed,)
+            )
+            row = await cursor.fetchone()
+            if row is not None and row[0] == 0:
+                break
+            await asyncio.sleep(0.01)
     assert await kit.store.get(effect.id) == effect
     assert await kit.store.commit(effect.id, CommitSucceeded(1), fence=1, actor=SYSTEM)
 
