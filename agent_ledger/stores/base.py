@@ -17,6 +17,7 @@ import dataclasses
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Collection
 from datetime import datetime
 from typing import Protocol, runtime_checkable
@@ -132,23 +133,29 @@ class ChangeNotifier:
     change but registers just after it returns at once instead of sleeping a whole interval.
     """
 
+    #: Changes are remembered this long, and at most this many (the oldest go first): a waiter
+    #: needs only those since it last read, a poll interval ago.
     _REMEMBER_S = 30.0
+    _REMEMBER_MAX = 10_000
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._waiters: dict[
             str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[Effect | None]]]
         ] = {}
-        self._changed: dict[str, tuple[float, Effect | None]] = {}
+        # Oldest first, so forgetting is O(1) per change however busy the process is.
+        self._changed: OrderedDict[str, tuple[float, Effect | None]] = OrderedDict()
 
     def notify(self, effect_id: str, effect: Effect | None = None) -> None:
         """``effect``: the committed state, when the notifier's caller has it."""
         now = time.monotonic()
         with self._lock:
-            self._changed[effect_id] = (now, effect)
-            if len(self._changed) > 10_000:
-                cutoff = now - self._REMEMBER_S
-                self._changed = {k: v for k, v in self._changed.items() if v[0] >= cutoff}
+            changed = self._changed
+            changed[effect_id] = (now, effect)
+            changed.move_to_end(effect_id)
+            cutoff = now - self._REMEMBER_S
+            while len(changed) > self._REMEMBER_MAX or next(iter(changed.values()))[0] < cutoff:
+                changed.popitem(last=False)
             waiters = self._waiters.pop(effect_id, [])
         for loop, future in waiters:
             if not loop.is_closed():
