@@ -610,7 +610,7 @@ async def _fetchone(
     conn: AsyncConnection[Any], query: str, params: Mapping[str, Any] | tuple[Any, ...]
 ) -> dict[str, Any] | None:
     cursor = conn.cursor(row_factory=dict_row)
-    await cursor.execute(query, params)
+    await cursor.execute(query, params, binary=True)
     return await cursor.fetchone()
 
 
