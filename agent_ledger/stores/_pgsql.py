@@ -42,13 +42,14 @@ import json
 import logging
 import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
-from ..types import Effect, EffectError, EffectStatus
-from .base import CHANNEL, BeginRecord
+from ..types import CommitOutcome, CommitSucceeded, Effect, EffectError, EffectStatus
+from .base import CHANNEL, BeginRecord, NewEffect
 
 logger = logging.getLogger("agent_ledger")
 
@@ -57,7 +58,9 @@ __all__ = [
     "CLAIM",
     "COLUMNS",
     "COMMIT_FAILED",
+    "COMMIT_FAILED_BRIEF",
     "COMMIT_SUCCEEDED",
+    "COMMIT_SUCCEEDED_BRIEF",
     "COUNT_REPLAYS",
     "GET",
     "GET_BY_KEY",
@@ -65,9 +68,13 @@ __all__ = [
     "LOCK_BY_KEY",
     "REPLAY_COUNT_DELAY_S",
     "TRANSITION",
+    "OwnedEffects",
     "ReplayCounts",
     "SharedBegins",
+    "commit_query",
     "count_params",
+    "effect_committed",
+    "effect_created",
     "effect_from_row",
 ]
 
@@ -86,6 +93,13 @@ FROM {source}
 """
 
 _LIVE = "('processing', 'requires_approval', 'ready')"
+
+#: A created row holds what the caller sent; only the database's clock is news (the rest is
+#: NULL, which costs nothing to send and parse): see ``effect_created``.
+_CREATED_COLUMNS = ", ".join(
+    column if column in ("id", "created_at", "updated_at") else f"NULL AS {column}"
+    for column in COLUMNS.split(", ")
+)
 
 # Insert, count a live replay, or read a finished one, in one statement. Under READ COMMITTED a
 # row inserted, or finished, by a transaction that commits while this statement runs can make
@@ -110,7 +124,7 @@ WITH ins AS (
       AND (status IN {_LIVE} OR NOT %(defer_count)s::boolean)
     RETURNING {COLUMNS}
 )
-SELECT true AS created, true AS counted, {COLUMNS}, NULL AS durability FROM ins
+SELECT true AS created, true AS counted, {_CREATED_COLUMNS}, NULL AS durability FROM ins
 UNION ALL
 SELECT false, true, {COLUMNS}, set_config('synchronous_commit', %(replay_commit)s, true)
 FROM live
@@ -275,7 +289,7 @@ WITH upd AS (
         updated_at = statement_timestamp(), completed_at = statement_timestamp()
     WHERE id = %(id)s AND status = 'processing'
       AND (%(fence)s::integer IS NULL OR fence = %(fence)s::integer)
-    RETURNING {columns}
+    RETURNING {returning}
 ), hist AS (
     {history}
 )
@@ -283,18 +297,26 @@ SELECT {columns},
        CASE WHEN dedup_count > 0 THEN pg_notify('{channel}', id::text) END AS notified
 FROM upd
 """
-COMMIT_SUCCEEDED = COMMIT.format(
-    column="result",
-    channel=CHANNEL,
-    columns=COLUMNS,
-    history=HISTORY.format(at="updated_at", source="upd"),
-)
-COMMIT_FAILED = COMMIT.format(
-    column="error",
-    channel=CHANNEL,
-    columns=COLUMNS,
-    history=HISTORY.format(at="updated_at", source="upd"),
-)
+
+#: What a commit changes besides status and outcome, for a store that still holds the
+#: effect it handed to the owner (``OwnedEffects``): the rest need not come back.
+_BRIEF = "dedup_count, fence, updated_at, completed_at"
+
+
+def _commit(column: str, *, brief: bool) -> str:
+    return COMMIT.format(
+        column=column,
+        channel=CHANNEL,
+        returning=f"id, status, {_BRIEF}" if brief else COLUMNS,
+        columns=_BRIEF if brief else COLUMNS,
+        history=HISTORY.format(at="updated_at", source="upd"),
+    )
+
+
+COMMIT_SUCCEEDED = _commit("result", brief=False)
+COMMIT_FAILED = _commit("error", brief=False)
+COMMIT_SUCCEEDED_BRIEF = _commit("result", brief=True)
+COMMIT_FAILED_BRIEF = _commit("error", brief=True)
 
 TRANSITION = f"""
 WITH upd AS (
@@ -377,6 +399,58 @@ def effect_from_row(
         completed_at=None if completed_at is None else utc(completed_at),
         fence=row["fence"],
     )
+
+
+def effect_created(new: NewEffect, row: Mapping[str, Any]) -> Effect:
+    """The ``Effect`` a ``BEGIN`` created: what the caller sent, on the database's clock."""
+    return new.created(utc(row["created_at"]), utc(row["updated_at"]))
+
+
+def effect_committed(owned: Effect, outcome: CommitOutcome, row: Mapping[str, Any]) -> Effect:
+    """The ``Effect`` a brief ``COMMIT`` finished, from the one its owner was handed."""
+    if isinstance(outcome, CommitSucceeded):
+        status, result, error = EffectStatus.SUCCEEDED, outcome.result, None
+    else:
+        status, result, error = EffectStatus.FAILED, None, outcome.error
+    return replace(
+        owned,
+        status=status,
+        result=result,
+        error=error,
+        dedup_count=row["dedup_count"],
+        fence=row["fence"],
+        updated_at=utc(row["updated_at"]),
+        completed_at=utc(row["completed_at"]),
+    )
+
+
+class OwnedEffects:
+    """The effects a store handed to their owner (created or claimed), until they are
+    committed, so that a commit need not send back what the store already knows. Bounded:
+    an owner that never commits is forgotten, and its commit just asks for the whole row."""
+
+    _MAX = 10_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._effects: OrderedDict[str, Effect] = OrderedDict()
+
+    def add(self, effect: Effect) -> None:
+        with self._lock:
+            self._effects[effect.id] = effect
+            if len(self._effects) > self._MAX:
+                self._effects.popitem(last=False)
+
+    def pop(self, effect_id: str) -> Effect | None:
+        with self._lock:
+            return self._effects.pop(effect_id, None)
+
+
+def commit_query(outcome: CommitOutcome, *, brief: bool) -> tuple[str, EffectStatus]:
+    if isinstance(outcome, CommitSucceeded):
+        query = COMMIT_SUCCEEDED_BRIEF if brief else COMMIT_SUCCEEDED
+        return query, EffectStatus.SUCCEEDED
+    return (COMMIT_FAILED_BRIEF if brief else COMMIT_FAILED), EffectStatus.FAILED
 
 
 def utc(value: datetime) -> datetime:

@@ -42,6 +42,23 @@ class NewEffect:
     resource_id_canonical: str | None
     actor: Actor
 
+    def created(self, created_at: datetime, updated_at: datetime | None = None) -> Effect:
+        """The effect as inserted: what was asked for, at the store's clock."""
+        return Effect(
+            id=self.id,
+            idem_key=self.idem_key,
+            workflow_id=self.workflow_id,
+            call_id=self.call_id,
+            tool=self.tool,
+            status=self.status,
+            args_canonical=self.args_canonical,
+            resource_id_canonical=self.resource_id_canonical,
+            dedup_count=0,
+            created_at=created_at,
+            updated_at=updated_at or created_at,
+            fence=1,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class BeginRecord:

@@ -111,6 +111,7 @@ class DjangoStore:
         self._using = using
         self._claims: dict[str, Future[Effect | None]] = {}
         self._claims_lock = threading.Lock()
+        self._owned = pgsql.OwnedEffects()
 
     @property
     def using(self) -> str:
@@ -148,7 +149,10 @@ class DjangoStore:
                         break
                 else:
                     raise _vanished(new)
-            return _begin_record(using, new, found)
+            record = _begin_record(using, new, found)
+            if record.created:
+                self._owned.add(record.effect)
+            return record
 
         record = await begins.begin(new.idem_key, statement)
         if record.created:
@@ -188,12 +192,13 @@ class DjangoStore:
         pk = parse_uuid(effect_id)
         if pk is None:
             return None
-        query, params = _commit_statement(pk, outcome, fence, actor, _user_id(actor))
+        owned = self._owned.pop(effect_id)
+        query, params = _commit_statement(pk, outcome, fence, actor, _user_id(actor), owned)
         async with native.connection("commit") as conn:
             committed = await _fetch_async(conn, query, params)
         if committed is None:
             return None
-        effect = pgsql.effect_from_row(committed, json_as_text=True)
+        effect = _committed(owned, outcome, committed)
         await self._announce(effect, EffectStatus.PROCESSING, actor)
         return effect
 
@@ -294,6 +299,7 @@ class DjangoStore:
                     raise _vanished(new)
             record = _begin_record(using, new, found)
             if record.created:
+                self._owned.add(record.effect)
                 _announce(using, record.effect, None, new.actor)
             return record
         with _store_errors("begin"), transaction.atomic(using=using):
@@ -356,13 +362,14 @@ class DjangoStore:
             status, changes = EffectStatus.SUCCEEDED, {"result": outcome.result}
         else:
             status, changes = EffectStatus.FAILED, {"error": outcome.error.to_dict()}
+        handed_out = self._owned.pop(effect_id)
         if _fast_path(using):
-            query, params = _commit_statement(pk, outcome, fence, actor, user_id)
+            query, params = _commit_statement(pk, outcome, fence, actor, user_id, handed_out)
             with _store_errors("commit"):
                 committed = _fetch(using, query, params)
             if committed is None:
                 return None
-            effect = pgsql.effect_from_row(committed, json_as_text=True)
+            effect = _committed(handed_out, outcome, committed)
             _announce(using, effect, EffectStatus.PROCESSING, actor)
             return effect
         with _store_errors("commit"), transaction.atomic(using=using):
@@ -456,6 +463,7 @@ class DjangoStore:
             effect = _effect(EffectRow.objects.using(using).get(pk=pk))
             reason = "stale takeover" if before.status is EffectStatus.PROCESSING else None
             _record(using, effect, before.status, actor, user_id, reason)
+        self._owned.add(effect)
         return effect
 
     def history_sync(self, effect_id: str) -> list[Transition]:
@@ -756,6 +764,8 @@ def _begin_params(new: NewEffect, user_id: Any) -> dict[str, Any]:
 
 def _begin_record(using: str, new: NewEffect, found: dict[str, Any]) -> BeginRecord:
     """The outcome of ``pgsql.BEGIN``; a replay of a finished effect is counted later."""
+    if found["created"]:
+        return BeginRecord(pgsql.effect_created(new, found), created=True)
     unwritten = 0 if found["counted"] else _count_later(using, str(found["id"]), new.idem_key)
     effect = pgsql.effect_from_row(found, json_as_text=True, unwritten_replays=unwritten)
     return BeginRecord(effect, created=found["created"])
@@ -769,15 +779,21 @@ def _vanished(new: NewEffect) -> EffectStoreError:
 
 
 def _commit_statement(
-    pk: uuid.UUID, outcome: CommitOutcome, fence: int | None, actor: Actor, user_id: Any
+    pk: uuid.UUID,
+    outcome: CommitOutcome,
+    fence: int | None,
+    actor: Actor,
+    user_id: Any,
+    owned: Effect | None,
 ) -> tuple[str, dict[str, Any]]:
+    """``owned``: the effect as this store handed it to its owner, if it still has it; the
+    commit then only asks for what changed (``pgsql.OwnedEffects``)."""
     from psycopg.types.json import Jsonb
 
+    query, status = pgsql.commit_query(outcome, brief=owned is not None)
     if isinstance(outcome, CommitSucceeded):
-        query, status = pgsql.COMMIT_SUCCEEDED, EffectStatus.SUCCEEDED
         value = None if outcome.result is None else Jsonb(outcome.result)
     else:
-        query, status = pgsql.COMMIT_FAILED, EffectStatus.FAILED
         value = Jsonb(outcome.error.to_dict())
     return query, {
         "id": pk,
@@ -788,6 +804,12 @@ def _commit_statement(
         "reason": None,
         **_actor_params(actor, user_id),
     }
+
+
+def _committed(owned: Effect | None, outcome: CommitOutcome, row: dict[str, Any]) -> Effect:
+    if owned is not None:
+        return pgsql.effect_committed(owned, outcome, row)
+    return pgsql.effect_from_row(row, json_as_text=True)
 
 
 async def _fetch_async(

@@ -48,20 +48,7 @@ class MemoryStore:
                 effect = dataclasses.replace(effect, dedup_count=effect.dedup_count + 1)
                 self._by_id[effect.id] = effect
                 return BeginRecord(effect, created=False)
-            now = _now()
-            effect = Effect(
-                id=new.id,
-                idem_key=new.idem_key,
-                workflow_id=new.workflow_id,
-                call_id=new.call_id,
-                tool=new.tool,
-                status=new.status,
-                args_canonical=new.args_canonical,
-                resource_id_canonical=new.resource_id_canonical,
-                dedup_count=0,
-                created_at=now,
-                updated_at=now,
-            )
+            effect = new.created(_now())
             self._by_id[effect.id] = effect
             self._id_by_key[effect.idem_key] = effect.id
             self._history[effect.id] = []

@@ -185,6 +185,7 @@ class PostgresStore:
         self._count_timer: asyncio.TimerHandle | None = None
         self._count_tasks: set[asyncio.Task[None]] = set()
         self._begins = sql.SharedBegins(self._count_later, self._count_now)
+        self._owned = sql.OwnedEffects()
         self._notifier = ChangeNotifier()
         self._listener = Listener(self._listen_connection, self._notifier) if listen else None
         # The loop the pool lives on: its locks and workers belong to it. Known here when the
@@ -294,7 +295,8 @@ class PostgresStore:
                     operation="begin",
                 )
         if row["created"]:
-            effect = sql.effect_from_row(row)
+            effect = sql.effect_created(new, row)
+            self._owned.add(effect)
             self._changed(effect)
             return BeginRecord(effect, created=True)
         unwritten = 0 if row["counted"] else self._count_later(str(row["id"]), row["idem_key"])
@@ -306,11 +308,11 @@ class PostgresStore:
         pk = parse_uuid(effect_id)
         if pk is None:
             return None
+        owned = self._owned.pop(effect_id)
+        query, status = sql.commit_query(outcome, brief=owned is not None)
         if isinstance(outcome, CommitSucceeded):
-            query, status = sql.COMMIT_SUCCEEDED, EffectStatus.SUCCEEDED
             value = None if outcome.result is None else Jsonb(outcome.result)
         else:
-            query, status = sql.COMMIT_FAILED, EffectStatus.FAILED
             value = Jsonb(outcome.error.to_dict())
         params = {
             "id": pk,
@@ -325,7 +327,10 @@ class PostgresStore:
             row = await _fetchone(conn, query, params)
         if row is None:
             return None
-        effect = sql.effect_from_row(row)
+        if owned is not None:
+            effect = sql.effect_committed(owned, outcome, row)
+        else:
+            effect = sql.effect_from_row(row)
         self._changed(effect)
         return effect
 
@@ -389,6 +394,7 @@ class PostgresStore:
         if row is None:
             return None
         effect = sql.effect_from_row(row)
+        self._owned.add(effect)
         self._changed(effect)
         return effect
 

@@ -7,6 +7,7 @@ import uuid
 import pytest
 
 from agent_ledger import (
+    Actor,
     ApprovalPendingError,
     CommitFailed,
     CommitSucceeded,
@@ -197,3 +198,36 @@ async def test_commit_actor_is_recorded(ledger: EffectLedger) -> None:
         (None, "processing", "system", None),
         ("processing", "succeeded", "worker-3", None),
     ]
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    [
+        CommitSucceeded({"id": 2**60, "items": [1.5, "é", None, {"b": True, "a": []}]}),
+        CommitSucceeded(None),
+        CommitFailed(EffectError("card declined", code="card_declined")),
+    ],
+    ids=["nested result", "null result", "failure"],
+)
+async def test_what_the_store_hands_back_is_what_it_stored(
+    ledger: EffectLedger, outcome: CommitSucceeded | CommitFailed
+) -> None:
+    """Stores may build the effects they return from what they already know instead of
+    reading every column back; what they hand out must still equal the stored row."""
+    store = ledger.store
+    call = make_call(n=str(uuid.uuid4()))
+    begun = await ledger.begin(call)
+    assert begun.effect == await store.get(begun.effect.id)
+    committed = await store.commit(
+        begun.effect.id, outcome, fence=begun.effect.fence, actor=Actor("system")
+    )
+    assert committed is not None
+    assert committed == await store.get(begun.effect.id)
+    # The same after a claim (an approved effect, taken by its runner).
+    gated = await ledger.begin(make_call(n=str(uuid.uuid4())))
+    assert await ledger.request_approval(gated.effect.idem_key)
+    assert await ledger.approve(gated.effect.idem_key)
+    claimed = await store.claim(gated.effect.id, stale_after_ms=0, actor=Actor("system"))
+    assert claimed is not None and claimed == await store.get(gated.effect.id)
+    finished = await store.commit(claimed.id, outcome, fence=claimed.fence, actor=Actor("system"))
+    assert finished is not None and finished == await store.get(claimed.id)
