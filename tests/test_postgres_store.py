@@ -68,6 +68,21 @@ async def fetch(db: psycopg.AsyncConnection[Any], query: str, *params: Any) -> l
     return await cursor.fetchall()
 
 
+async def waiting_for_a_lock(db: psycopg.AsyncConnection[Any], application_name: str) -> None:
+    """Return once a connection of ``application_name`` waits for a row lock."""
+
+    async def blocked() -> None:
+        while not await fetch(
+            db,
+            "SELECT 1 FROM pg_stat_activity"
+            " WHERE application_name = %s AND wait_event_type = 'Lock'",
+            application_name,
+        ):
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(blocked(), 10)
+
+
 def test_importing_the_store_does_not_import_django() -> None:
     """Agent workers install psycopg, not Django, and have no settings to configure."""
     code = (
@@ -123,17 +138,7 @@ async def test_begin_retries_when_it_loses_the_insert_to_a_row_it_cannot_see_yet
             (uuid.uuid4(), new.idem_key),
         )
         begin = asyncio.ensure_future(PostgresStore(pool=pool).begin(new))
-
-        async def blocked() -> None:
-            while not await fetch(
-                db,
-                "SELECT 1 FROM pg_stat_activity"
-                " WHERE application_name = %s AND wait_event_type = 'Lock'",
-                name,
-            ):
-                await asyncio.sleep(0.01)
-
-        await asyncio.wait_for(blocked(), 10)
+        await waiting_for_a_lock(db, name)
         await other.execute("COMMIT")
         record = await begin
     assert not record.created
@@ -523,17 +528,7 @@ async def test_begin_retries_when_the_effect_finishes_under_its_replay(
             (new.id,),
         )
         begin = asyncio.ensure_future(store.begin(_again(new)))
-
-        async def blocked() -> None:
-            while not await fetch(
-                db,
-                "SELECT 1 FROM pg_stat_activity"
-                " WHERE application_name = %s AND wait_event_type = 'Lock'",
-                name,
-            ):
-                await asyncio.sleep(0.01)
-
-        await asyncio.wait_for(blocked(), 10)
+        await waiting_for_a_lock(db, name)
         await other.execute("COMMIT")
         record = await begin
         assert statements.count(_pgsql.BEGIN) == 2

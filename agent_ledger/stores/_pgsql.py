@@ -48,6 +48,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
+from ..errors import EffectStoreError
 from ..types import CommitOutcome, CommitSucceeded, Effect, EffectError, EffectStatus
 from .base import CHANNEL, BeginRecord, NewEffect
 
@@ -55,6 +56,7 @@ logger = logging.getLogger("agent_ledger")
 
 __all__ = [
     "BEGIN",
+    "BEGIN_ATTEMPTS",
     "CLAIM",
     "COLUMNS",
     "COMMIT_FAILED",
@@ -71,7 +73,9 @@ __all__ = [
     "OwnedEffects",
     "ReplayCounts",
     "SharedBegins",
-    "commit_query",
+    "begin_row",
+    "begin_row_sync",
+    "commit_statement",
     "count_params",
     "effect_committed",
     "effect_created",
@@ -133,6 +137,36 @@ SELECT false, false, {COLUMNS}, NULL FROM agent_ledger_effect
 WHERE idem_key = %(idem_key)s AND NOT EXISTS (SELECT 1 FROM ins)
   AND status NOT IN {_LIVE} AND %(defer_count)s::boolean
 """
+
+#: How often ``BEGIN`` is run again when every branch came back empty (see above); each new
+#: run has a newer snapshot, so more than one retry is rare.
+BEGIN_ATTEMPTS = 10
+
+
+Row = dict[str, Any]
+
+
+async def begin_row(run: Callable[[], Awaitable[Row | None]], idem_key: str) -> Row:
+    """Run ``BEGIN`` (``run``) until a branch answers."""
+    for _ in range(BEGIN_ATTEMPTS):
+        if (row := await run()) is not None:
+            return row
+    raise _vanished(idem_key)
+
+
+def begin_row_sync(run: Callable[[], Row | None], idem_key: str) -> Row:
+    for _ in range(BEGIN_ATTEMPTS):
+        if (row := run()) is not None:
+            return row
+    raise _vanished(idem_key)
+
+
+def _vanished(idem_key: str) -> EffectStoreError:
+    return EffectStoreError(
+        f"key {idem_key} was neither inserted nor found after {BEGIN_ATTEMPTS} attempts",
+        operation="begin",
+    )
+
 
 #: Write the replay counts of finished effects, ids in order so that two processes writing
 #: overlapping batches take the row locks in the same order.
@@ -446,11 +480,34 @@ class OwnedEffects:
             return self._effects.pop(effect_id, None)
 
 
-def commit_query(outcome: CommitOutcome, *, brief: bool) -> tuple[str, EffectStatus]:
+def commit_statement(
+    pk: uuid.UUID,
+    outcome: CommitOutcome,
+    fence: int | None,
+    actor_params: Mapping[str, Any],
+    *,
+    brief: bool,
+) -> tuple[str, dict[str, Any]]:
+    """The ``COMMIT`` to run and its parameters; ``brief`` when the store still holds the
+    effect it handed to the owner (``OwnedEffects``)."""
+    from psycopg.types.json import Jsonb  # here: SQLite projects import this module too
+
     if isinstance(outcome, CommitSucceeded):
         query = COMMIT_SUCCEEDED_BRIEF if brief else COMMIT_SUCCEEDED
-        return query, EffectStatus.SUCCEEDED
-    return (COMMIT_FAILED_BRIEF if brief else COMMIT_FAILED), EffectStatus.FAILED
+        status = EffectStatus.SUCCEEDED
+        value = None if outcome.result is None else Jsonb(outcome.result)
+    else:
+        query = COMMIT_FAILED_BRIEF if brief else COMMIT_FAILED
+        status, value = EffectStatus.FAILED, Jsonb(outcome.error.to_dict())
+    return query, {
+        "id": pk,
+        "status": status.value,
+        "value": value,
+        "fence": fence,
+        "from_status": EffectStatus.PROCESSING.value,
+        "reason": None,
+        **actor_params,
+    }
 
 
 def utc(value: datetime) -> datetime:

@@ -143,12 +143,9 @@ class DjangoStore:
 
         async def statement() -> BeginRecord:
             async with native.connection("begin") as conn:
-                for _ in range(_BEGIN_ATTEMPTS):
-                    found = await _fetch_async(conn, pgsql.BEGIN, params)
-                    if found is not None:
-                        break
-                else:
-                    raise _vanished(new)
+                found = await pgsql.begin_row(
+                    lambda: _fetch_async(conn, pgsql.BEGIN, params), new.idem_key
+                )
             record = _begin_record(using, new, found)
             if record.created:
                 self._owned.add(record.effect)
@@ -193,7 +190,9 @@ class DjangoStore:
         if pk is None:
             return None
         owned = self._owned.pop(effect_id)
-        query, params = _commit_statement(pk, outcome, fence, actor, _user_id(actor), owned)
+        query, params = pgsql.commit_statement(
+            pk, outcome, fence, _actor_params(actor, _user_id(actor)), brief=owned is not None
+        )
         async with native.connection("commit") as conn:
             committed = await _fetch_async(conn, query, params)
         if committed is None:
@@ -291,12 +290,9 @@ class DjangoStore:
         if _fast_path(using):
             params = _begin_params(new, user_id)
             with _store_errors("begin"):
-                for _ in range(_BEGIN_ATTEMPTS):
-                    found = _fetch(using, pgsql.BEGIN, params)
-                    if found is not None:
-                        break
-                else:
-                    raise _vanished(new)
+                found = pgsql.begin_row_sync(
+                    lambda: _fetch(using, pgsql.BEGIN, params), new.idem_key
+                )
             record = _begin_record(using, new, found)
             if record.created:
                 self._owned.add(record.effect)
@@ -364,7 +360,9 @@ class DjangoStore:
             status, changes = EffectStatus.FAILED, {"error": outcome.error.to_dict()}
         handed_out = self._owned.pop(effect_id)
         if _fast_path(using):
-            query, params = _commit_statement(pk, outcome, fence, actor, user_id, handed_out)
+            query, params = pgsql.commit_statement(
+                pk, outcome, fence, _actor_params(actor, user_id), brief=handed_out is not None
+            )
             with _store_errors("commit"):
                 committed = _fetch(using, query, params)
             if committed is None:
@@ -737,8 +735,6 @@ def _send(signal: Signal, effect: Effect, actor: Actor) -> None:
 
 # -- PostgreSQL: the same single statements as PostgresStore ------------------------------------
 
-#: How often ``begin`` re-runs after losing the insert race to a row it cannot see yet.
-_BEGIN_ATTEMPTS = 10
 
 _listeners: dict[str, Listener] = {}
 _listeners_lock = threading.Lock()
@@ -769,41 +765,6 @@ def _begin_record(using: str, new: NewEffect, found: dict[str, Any]) -> BeginRec
     unwritten = 0 if found["counted"] else _count_later(using, str(found["id"]), new.idem_key)
     effect = pgsql.effect_from_row(found, json_as_text=True, unwritten_replays=unwritten)
     return BeginRecord(effect, created=found["created"])
-
-
-def _vanished(new: NewEffect) -> EffectStoreError:
-    return EffectStoreError(
-        f"key {new.idem_key} was neither inserted nor found after {_BEGIN_ATTEMPTS} attempts",
-        operation="begin",
-    )
-
-
-def _commit_statement(
-    pk: uuid.UUID,
-    outcome: CommitOutcome,
-    fence: int | None,
-    actor: Actor,
-    user_id: Any,
-    owned: Effect | None,
-) -> tuple[str, dict[str, Any]]:
-    """``owned``: the effect as this store handed it to its owner, if it still has it; the
-    commit then only asks for what changed (``pgsql.OwnedEffects``)."""
-    from psycopg.types.json import Jsonb
-
-    query, status = pgsql.commit_query(outcome, brief=owned is not None)
-    if isinstance(outcome, CommitSucceeded):
-        value = None if outcome.result is None else Jsonb(outcome.result)
-    else:
-        value = Jsonb(outcome.error.to_dict())
-    return query, {
-        "id": pk,
-        "status": status.value,
-        "value": value,
-        "fence": fence,
-        "from_status": EffectStatus.PROCESSING.value,
-        "reason": None,
-        **_actor_params(actor, user_id),
-    }
 
 
 def _committed(owned: Effect | None, outcome: CommitOutcome, row: dict[str, Any]) -> Effect:

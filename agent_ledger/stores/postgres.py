@@ -44,7 +44,6 @@ from ..types import (
     TERMINAL_STATUSES,
     Actor,
     CommitOutcome,
-    CommitSucceeded,
     Effect,
     EffectError,
     EffectStatus,
@@ -128,9 +127,6 @@ CREATE INDEX IF NOT EXISTS agent_ledger_trans_at
     ON agent_ledger_effecttransition (at DESC);
 """
 
-#: How often ``begin`` re-runs after losing the insert race to a row it cannot see yet. Once is
-#: enough unless the row is deleted in between, over and over.
-_BEGIN_ATTEMPTS = 10
 #: Longer thresholds would overflow the timestamp arithmetic; nothing idles a century anyway.
 _MAX_STALE = timedelta(days=36_500)
 _INT4_MAX = 2**31 - 1
@@ -284,16 +280,7 @@ class PostgresStore:
             **_actor_params(new.actor),
         }
         async with self._connection("begin") as conn:
-            for _ in range(_BEGIN_ATTEMPTS):
-                row = await _fetchone(conn, sql.BEGIN, params)
-                if row is not None:
-                    break
-            else:
-                raise EffectStoreError(
-                    f"key {new.idem_key} was neither inserted nor found "
-                    f"after {_BEGIN_ATTEMPTS} attempts",
-                    operation="begin",
-                )
+            row = await sql.begin_row(lambda: _fetchone(conn, sql.BEGIN, params), new.idem_key)
         if row["created"]:
             effect = sql.effect_created(new, row)
             self._owned.add(effect)
@@ -309,20 +296,9 @@ class PostgresStore:
         if pk is None:
             return None
         owned = self._owned.pop(effect_id)
-        query, status = sql.commit_query(outcome, brief=owned is not None)
-        if isinstance(outcome, CommitSucceeded):
-            value = None if outcome.result is None else Jsonb(outcome.result)
-        else:
-            value = Jsonb(outcome.error.to_dict())
-        params = {
-            "id": pk,
-            "status": status.value,
-            "value": value,
-            "fence": fence,
-            "from_status": EffectStatus.PROCESSING.value,
-            "reason": None,
-            **_actor_params(actor),
-        }
+        query, params = sql.commit_statement(
+            pk, outcome, fence, _actor_params(actor), brief=owned is not None
+        )
         async with self._connection("commit") as conn:
             row = await _fetchone(conn, query, params)
         if row is None:
