@@ -24,8 +24,11 @@ Replays, counted without making them writes that wait:
   then counted like live ones.
 
 Concurrent begins of one key in one process (a retry storm) share one statement
-(``SharedBegins``): the others are replays of its outcome, counted like finished ones, and
-woken by the process's own notifier.
+(``SharedBegins``): the others are replays of its outcome, counted together in one more
+statement if it is live (finished: with the batch), and woken by the process's own notifier.
+
+What comes back: a created row sends only its timestamps (the store knows the rest), and a
+commit by the store that handed the effect to its owner only what changed (``OwnedEffects``).
 
 What a crash can lose: replay counts only, never an effect, an outcome or a history row
 (creations and outcomes keep the server's ``synchronous_commit``). A crash of the worker process
