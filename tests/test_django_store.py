@@ -45,6 +45,7 @@ from agent_ledger.stores import django as django_store
 from agent_ledger.stores.base import EffectStore, NewEffect
 from agent_ledger.stores.django import DjangoStore
 from agent_ledger.types import SYSTEM
+from tests.effects import new_effect
 
 _T = TypeVar("_T")
 
@@ -54,22 +55,6 @@ on_postgres = pytest.mark.skipif(
 pg_statements = pytest.mark.skipif(
     connection.vendor != "postgresql", reason="the PostgreSQL single-statement path"
 )
-
-
-def new_effect(**fields: Any) -> NewEffect:
-    values: dict[str, Any] = {
-        "id": str(uuid.uuid4()),
-        "idem_key": hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
-        "workflow_id": "wf-1",
-        "call_id": str(uuid.uuid4()),
-        "tool": "mail.send",
-        "status": EffectStatus.PROCESSING,
-        "args_canonical": '{"to":"a@example.com"}',
-        "resource_id_canonical": None,
-        "actor": SYSTEM,
-    }
-    values.update(fields)
-    return NewEffect(**values)
 
 
 def decide(store: DjangoStore, name: str, idem_key: str, actor: Actor = SYSTEM) -> Any:
@@ -820,7 +805,7 @@ def test_sessions_that_need_djangos_set_up_stay_on_the_threads() -> None:
 async def test_other_databases_use_the_threads(transactional_db: None) -> None:
     from agent_ledger.stores import _aio
 
-    assert _aio.for_alias("default", limit=2, prepare=True) is None
+    assert _aio.for_alias("default") is None
 
 
 @on_postgres

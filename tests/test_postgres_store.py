@@ -8,7 +8,6 @@ shares; these tests look at the rows and at PostgreSQL-specific paths.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import subprocess
 import sys
 import uuid
@@ -36,8 +35,8 @@ from agent_ledger.stores import _pgsql
 from agent_ledger.stores.postgres import SCHEMA_SQL, PostgresStore
 from agent_ledger.types import SYSTEM
 from tests.conftest import POSTGRES_URL
+from tests.effects import new_effect
 from tests.stores.postgres import connect, ledger_schema, schema_pool, search_path
-from tests.workers.faults import new_effect
 
 #: Needs the PostgreSQL at ``TEST_POSTGRES_URL`` (whatever ``DATABASE_URL`` says); an
 #: unreachable server fails these tests, it never skips them.
@@ -381,7 +380,7 @@ async def test_the_readmes_postgresql_setup_works_as_written(schema: str) -> Non
 
 def _again(new: Any) -> Any:
     """Another call of the same key."""
-    return dataclasses.replace(new_effect(), idem_key=new.idem_key)
+    return new_effect(idem_key=new.idem_key)
 
 
 async def _finished(store: PostgresStore) -> Any:

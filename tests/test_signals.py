@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +17,7 @@ from agent_ledger.models import Effect as EffectRow
 from agent_ledger.stores.base import NewEffect
 from agent_ledger.stores.django import DjangoStore, close_connections
 from agent_ledger.types import SYSTEM
+from tests.effects import new_effect
 
 ALL = [
     "approval_requested",
@@ -36,20 +35,6 @@ def close_store_connections() -> Iterator[None]:
     """The store's threads keep connections briefly; close them before the test database goes."""
     yield
     close_connections()
-
-
-def new_effect(status: EffectStatus = EffectStatus.PROCESSING) -> NewEffect:
-    return NewEffect(
-        id=str(uuid.uuid4()),
-        idem_key=hashlib.sha256(uuid.uuid4().bytes).hexdigest(),
-        workflow_id="wf",
-        call_id=str(uuid.uuid4()),
-        tool="deploy",
-        status=status,
-        args_canonical="{}",
-        resource_id_canonical=None,
-        actor=SYSTEM,
-    )
 
 
 def decide(name: str, idem_key: str, actor: Actor = ANN) -> Any:

@@ -25,6 +25,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from ..conf import ledger_settings
 from ..errors import EffectLedgerError, EffectStoreError
 
 if TYPE_CHECKING:
@@ -40,15 +41,17 @@ _all: weakref.WeakSet[LoopConnections] = weakref.WeakSet()
 _lock = threading.Lock()
 
 
-def for_alias(using: str, *, limit: int, prepare: bool) -> LoopConnections | None:
-    """This loop's connections for ``using``, or None when the alias must use the threads."""
+def for_alias(using: str) -> LoopConnections | None:
+    """This loop's connections for ``using``, or None when the alias must use the threads.
+
+    On every call's path: settings are read only when a loop first asks for an alias."""
     loop = asyncio.get_running_loop()
     per_alias = _by_loop.get(loop)
     found = per_alias.get(using) if per_alias is not None else None
     if found is not None:
         return found if found.usable else None
-    params, max_age = _connection_params(using, prepare=prepare)
-    created = LoopConnections(params, limit=limit, max_age=max_age)
+    params, max_age = _connection_params(using, prepare=ledger_settings.PREPARE_STATEMENTS)
+    created = LoopConnections(params, limit=ledger_settings.ASYNC_THREADS, max_age=max_age)
     with _lock:
         per_alias = _by_loop.setdefault(loop, {})
         created = per_alias.setdefault(using, created)
@@ -106,11 +109,14 @@ class LoopConnections:
         self.usable = params is not None
         self._params = params or {}
         self._slots = asyncio.Semaphore(limit)
-        self._idle: list[tuple[AsyncConnection[Any], float, float]] = []  # conn, opened, idle
-        self._opened: dict[int, float] = {}
+        self._idle: list[tuple[AsyncConnection[Any], float]] = []  # (conn, when to close it)
+        self._opened: dict[int, float] = {}  # id(conn) -> when it was opened
         self._max_age = max_age
         self._idle_close_s = idle_close_s
         self._sweep: asyncio.TimerHandle | None = None
+        #: The store's own state for this loop (``DjangoStore`` keeps its shared begins here),
+        #: so it lives and goes with the loop's connections.
+        self.extra: Any = None
 
     def connection(self, operation: str) -> _Borrowed:
         return _Borrowed(self, operation)
@@ -119,7 +125,7 @@ class LoopConnections:
         await self._slots.acquire()
         try:
             while self._idle:
-                conn, _, _ = self._idle.pop()
+                conn, _ = self._idle.pop()
                 if _alive(conn):
                     return conn
                 self._opened.pop(id(conn), None)
@@ -139,8 +145,7 @@ class LoopConnections:
         try:
             idle = conn.info.transaction_status == pq.TransactionStatus.IDLE
             if reusable and not conn.closed and idle:
-                opened = self._opened.get(id(conn), time.monotonic())
-                self._idle.append((conn, opened, time.monotonic()))
+                self._idle.append((conn, self._close_at(conn)))
                 if self._sweep is None and self._max_age is not None:
                     self._sweep = asyncio.get_running_loop().call_later(
                         self._idle_close_s, self._close_stale
@@ -151,20 +156,25 @@ class LoopConnections:
         finally:
             self._slots.release()
 
+    def _close_at(self, conn: AsyncConnection[Any]) -> float:
+        """When an idle connection is closed: after ``idle_close_s`` idle with ``max_age`` 0,
+        once it is ``max_age`` old with a number, never with None."""
+        if self._max_age is None:
+            return float("inf")
+        if not self._max_age:
+            return time.monotonic() + self._idle_close_s
+        return self._opened.get(id(conn), time.monotonic()) + self._max_age
+
     def _close_stale(self) -> None:
         self._sweep = None
         now = time.monotonic()
         keep = []
-        for conn, opened, since in self._idle:
-            if (
-                now - since >= self._idle_close_s
-                if self._max_age == 0
-                else now - opened >= (self._max_age or 0)
-            ):
+        for conn, close_at in self._idle:
+            if close_at <= now:
                 self._opened.pop(id(conn), None)
                 _finish(conn)
             else:
-                keep.append((conn, opened, since))
+                keep.append((conn, close_at))
         self._idle = keep
         if keep:
             self._sweep = asyncio.get_running_loop().call_later(
@@ -173,7 +183,7 @@ class LoopConnections:
 
     def close_idle(self) -> None:
         idle, self._idle = self._idle, []
-        for conn, _, _ in idle:
+        for conn, _ in idle:
             _finish(conn)
         self._opened.clear()
         if self._sweep is not None:

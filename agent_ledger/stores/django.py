@@ -32,8 +32,7 @@ import logging
 import queue
 import threading
 import uuid
-import weakref
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from datetime import datetime
@@ -128,17 +127,6 @@ class DjangoStore:
         if native is None:
             return await self._in_thread(self.begin_sync, new)
         using = self.using
-        begins = _shared_begins.get(native)
-        if begins is None:
-
-            async def count_now(effect_id: str, count: int) -> None:
-                params = pgsql.count_params({effect_id: (count, "")}, "off")
-                async with native.connection("count replays") as conn:
-                    await conn.execute(pgsql.COUNT_REPLAYS, params)
-
-            begins = _shared_begins[native] = pgsql.SharedBegins(
-                functools.partial(_count_later, using), count_now
-            )
         params = _begin_params(new, _user_id(new.actor))
 
         async def statement() -> BeginRecord:
@@ -151,7 +139,7 @@ class DjangoStore:
                 self._owned.add(record.effect)
             return record
 
-        record = await begins.begin(new.idem_key, statement)
+        record = await _shared_begins(native, using).begin(new.idem_key, statement)
         if record.created:
             await self._announce(record.effect, None, new.actor)
         return record
@@ -203,11 +191,7 @@ class DjangoStore:
 
     def _native(self) -> _aio.LoopConnections | None:
         """This loop's own connections for the hot path (PostgreSQL), else None: threads."""
-        return _aio.for_alias(
-            self.using,
-            limit=ledger_settings.ASYNC_THREADS,
-            prepare=ledger_settings.PREPARE_STATEMENTS,
-        )
+        return _aio.for_alias(self.using)
 
     async def _announce(
         self, effect: Effect, from_status: EffectStatus | None, actor: Actor
@@ -871,10 +855,26 @@ def _listen(using: str) -> None:
 # -- replay counts of finished effects (see ``_pgsql``) -----------------------------------------
 
 _replay_counts: dict[str, pgsql.ReplayCounts] = {}
-#: Each event loop's shared begins (``pgsql.SharedBegins``), beside its connections.
-_shared_begins: weakref.WeakKeyDictionary[_aio.LoopConnections, pgsql.SharedBegins] = (
-    weakref.WeakKeyDictionary()
-)
+
+
+def _shared_begins(native: _aio.LoopConnections, using: str) -> pgsql.SharedBegins:
+    """The loop's shared begins (``pgsql.SharedBegins``), kept with its connections."""
+    begins = native.extra
+    if begins is None:
+        begins = native.extra = pgsql.SharedBegins(
+            functools.partial(_count_later, using),
+            lambda effect_id, count: _count_on_loop(native, {effect_id: (count, "")}),
+        )
+    return begins  # type: ignore[no-any-return]
+
+
+async def _count_on_loop(
+    native: _aio.LoopConnections, counts: Mapping[str, tuple[int, str]]
+) -> None:
+    async with native.connection("count replays") as conn:
+        await conn.execute(pgsql.COUNT_REPLAYS, pgsql.count_params(counts, "off"))
+
+
 _count_locks: dict[str, threading.Lock] = {}
 _counts_lock = threading.Lock()
 
@@ -943,8 +943,7 @@ async def _write_counts_owed_async(
             await asyncio.sleep(0.002)  # a thread is writing them
             continue
         try:
-            async with native.connection("count replays") as conn:
-                await conn.execute(pgsql.COUNT_REPLAYS, pgsql.count_params(taken, "off"))
+            await _count_on_loop(native, taken)
         except BaseException:
             counts.back(taken)
             raise

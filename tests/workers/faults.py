@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import secrets
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,8 +23,9 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from agent_ledger import Actor, CommitSucceeded, EffectStatus, EffectStoreError
-from agent_ledger.stores.base import EffectStore, NewEffect
+from agent_ledger.stores.base import EffectStore
 from agent_ledger.types import SYSTEM
+from tests.effects import new_effect
 from tests.workers.common import configure_django, connect, parser
 
 #: Longest a scenario waits for the store's statement to block.
@@ -40,20 +40,6 @@ class Kit:
     schema: str
     #: Every connection the store opens carries this name.
     application_name: str
-
-
-def new_effect(status: EffectStatus = EffectStatus.PROCESSING) -> NewEffect:
-    return NewEffect(
-        id=str(uuid.uuid4()),
-        idem_key=secrets.token_hex(32),
-        workflow_id="faults",
-        call_id=str(uuid.uuid4()),
-        tool="fault.tool",
-        status=status,
-        args_canonical="{}",
-        resource_id_canonical=None,
-        actor=SYSTEM,
-    )
 
 
 async def state(kit: Kit, idem_key: str) -> tuple[Any, ...] | None:
