@@ -14,7 +14,7 @@ from .errors import (
     EffectStoreError,
     EffectTimeoutError,
 )
-from .ledger import EffectLedger
+from .ledger import EffectLedger, EffectLedgerOptions
 from .stores.base import EffectStore
 from .stores.memory import MemoryStore
 from .types import (
@@ -26,7 +26,6 @@ from .types import (
     ConcurrencyOptions,
     Effect,
     EffectError,
-    EffectLedgerOptions,
     EffectStatus,
     ResourceDescriptor,
     RunOptions,

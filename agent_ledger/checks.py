@@ -1,6 +1,7 @@
 """System checks for ``AGENT_LEDGER``: misconfiguration fails at startup, not at the first call.
 
 Ids are ``agent_ledger.E001``... (errors) and ``agent_ledger.W001``... (warnings); never reuse one.
+Retired: E009 (``PREPARE_STATEMENTS``) and E010 (``REPLAY_COUNT_DELAY_SECONDS``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
-from .conf import DEFAULTS
+from .conf import DEFAULTS, RETIRED
 
 
 @register()
@@ -27,12 +28,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
             )
         ]
     for key in sorted(set(value) - set(DEFAULTS)):
+        hint = f"Known keys: {', '.join(sorted(DEFAULTS))}."
+        if key in RETIRED:
+            hint = f"{key} was retired ({RETIRED[key]}); remove it. {hint}"
         errors.append(
-            Error(
-                f"AGENT_LEDGER has an unknown key {key!r}.",
-                hint=f"Known keys: {', '.join(sorted(DEFAULTS))}.",
-                id="agent_ledger.E002",
-            )
+            Error(f"AGENT_LEDGER has an unknown key {key!r}.", hint=hint, id="agent_ledger.E002")
         )
     database = value.get("DATABASE", DEFAULTS["DATABASE"])
     if database not in settings.DATABASES:
@@ -86,25 +86,6 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 hint=f"Got {threads!r}; the default is {DEFAULTS['ASYNC_THREADS']}. It also caps "
                 "the connections async ledger calls open.",
                 id="agent_ledger.E007",
-            )
-        )
-    prepare = value.get("PREPARE_STATEMENTS", DEFAULTS["PREPARE_STATEMENTS"])
-    if not isinstance(prepare, bool):
-        errors.append(
-            Error(
-                "AGENT_LEDGER['PREPARE_STATEMENTS'] must be True or False.",
-                hint=f"Got {prepare!r}. Turn it off only behind a pooler that cannot keep "
-                "prepared statements (PgBouncer in transaction mode before 1.21).",
-                id="agent_ledger.E009",
-            )
-        )
-    delay = value.get("REPLAY_COUNT_DELAY_SECONDS", DEFAULTS["REPLAY_COUNT_DELAY_SECONDS"])
-    if isinstance(delay, bool) or not isinstance(delay, (int, float)) or not 0 <= delay <= 60:
-        errors.append(
-            Error(
-                "AGENT_LEDGER['REPLAY_COUNT_DELAY_SECONDS'] must be a number from 0 to 60.",
-                hint=f"Got {delay!r}; the default is 0.1. 0 writes every replay's count at once.",
-                id="agent_ledger.E010",
             )
         )
     if not settings.USE_TZ:

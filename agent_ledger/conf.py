@@ -10,12 +10,10 @@ Defaults (every key is optional)::
         "ASYNC_THREADS": 16,                # threads (so at most this many connections) that
                                             # DjangoStore's async methods run their queries on;
                                             # read once, when the first async call is made
-        "PREPARE_STATEMENTS": True,         # DjangoStore prepares its PostgreSQL statements;
-                                            # False behind PgBouncer in transaction mode < 1.21
-        "REPLAY_COUNT_DELAY_SECONDS": 0.1,  # on PostgreSQL, replays of finished effects are
-                                            # counted in the process and written together
-                                            # this often; 0 writes each at once
     }
+
+Retired keys (refused by check E002 with a hint, never reused): ``PREPARE_STATEMENTS`` and
+``REPLAY_COUNT_DELAY_SECONDS`` (0.1), whose machinery the stores no longer have.
 """
 
 from __future__ import annotations
@@ -30,8 +28,12 @@ DEFAULTS: dict[str, Any] = {
     "WEBHOOK_SECRETS": {},
     "WEBHOOK_TOLERANCE_SECONDS": 300,
     "ASYNC_THREADS": 16,
-    "PREPARE_STATEMENTS": True,
-    "REPLAY_COUNT_DELAY_SECONDS": 0.1,
+}
+
+#: Keys that once existed, with why they went (the check ids that validated them are retired).
+RETIRED: dict[str, str] = {
+    "PREPARE_STATEMENTS": "DjangoStore runs its statements through Django's own cursor now",
+    "REPLAY_COUNT_DELAY_SECONDS": "replays are counted by the statement that finds the key",
 }
 
 

@@ -27,10 +27,12 @@ from .errors import (
     EffectFailedError,
     EffectLedgerError,
     EffectLedgerValidationError,
+    EffectStoreError,
     EffectTimeoutError,
 )
-from .stores.base import NewEffect
+from .stores.base import EffectStore, NewEffect
 from .types import (
+    DEFAULT_MAX_ARGS_SIZE_BYTES,
     SYSTEM,
     Actor,
     BeginResult,
@@ -40,18 +42,44 @@ from .types import (
     ConcurrencyOptions,
     Effect,
     EffectError,
-    EffectLedgerOptions,
     EffectStatus,
     Handler,
     RunOptions,
     StaleOptions,
     ToolCall,
     Transition,
+    fields_set,
+    require_instance,
+    require_number,
+    strict,
 )
 
 #: How many handed-out fences a ledger remembers for ``commit(effect_id, ...)`` without ``fence=``.
 _FENCE_MEMORY = 10_000
 MAX_REASON_LENGTH = 2_000
+
+
+@strict
+@dataclasses.dataclass(frozen=True)
+class EffectLedgerOptions:
+    store: EffectStore
+    max_args_size_bytes: int = DEFAULT_MAX_ARGS_SIZE_BYTES
+    #: Defaults for every ``run``; the fields a call's own ``RunOptions`` set win, field by
+    #: field (also inside ``concurrency`` and ``stale``).
+    defaults: RunOptions | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.store, EffectStore):
+            raise EffectLedgerValidationError(
+                f"must implement the EffectStore protocol, got {type(self.store).__name__}",
+                field="store",
+            )
+        if isinstance(self.max_args_size_bytes, bool) or not isinstance(
+            self.max_args_size_bytes, int
+        ):
+            raise EffectLedgerValidationError("must be an int", field="max_args_size_bytes")
+        require_number(self.max_args_size_bytes, "max_args_size_bytes", minimum=1)
+        require_instance(self.defaults, RunOptions, "defaults")
 
 
 class EffectLedger:
@@ -243,48 +271,90 @@ class EffectLedger:
             self._fences.popitem(last=False)
 
     async def _execute(self, effect: Effect, handler: Handler, options: _Resolved) -> Any:
-        """Run the handler as the effect's owner (``effect.fence``) and commit the outcome."""
+        """Run the handler as the effect's owner (``effect.fence``) and commit the outcome.
+
+        If the commit is refused (the effect was taken over or canceled while the handler ran),
+        every caller of the key must see the one recorded outcome, so we report that instead of
+        our own, whether our handler returned or raised.
+        """
         try:
             value = await _call(handler, effect)
         except Exception as exc:
             error = EffectError(message=str(exc) or type(exc).__name__, code=_code_of(exc))
-            await self.store.commit(
-                effect.id, CommitFailed(error), fence=effect.fence, actor=SYSTEM
-            )
+            if await self._commit_owned(effect, CommitFailed(error), options) is None:
+                return await self._follow(effect, options)
             raise
         try:
             result = _json_copy(value, "result")
         except EffectLedgerValidationError as exc:
             error = _not_json_error(exc)
-            committed = await self.store.commit(
-                effect.id, CommitFailed(error), fence=effect.fence, actor=SYSTEM
-            )
-            if committed is None:
+            if await self._commit_owned(effect, CommitFailed(error), options) is None:
                 return await self._follow(effect, options)
             raise EffectFailedError(effect.idem_key, error) from exc
-        committed = await self.store.commit(
-            effect.id, CommitSucceeded(result), fence=effect.fence, actor=SYSTEM
-        )
+        committed = await self._commit_owned(effect, CommitSucceeded(result), options)
         if committed is None:
             return await self._follow(effect, options)
         return committed.result
 
+    async def _commit_owned(
+        self, effect: Effect, outcome: CommitOutcome, options: _Resolved
+    ) -> Effect | None:
+        """The owner's fenced commit, retried while the store fails transiently.
+
+        The tool has acted: giving up on one failed commit would leave the effect processing
+        until a stale takeover runs the tool again. A retry is always safe, since the fence
+        refuses it if someone took over (and a commit that did land but whose answer was lost
+        is refused as no longer processing; the caller then reads the recorded outcome). We
+        retry for the stale window (the wait timeout when takeover is off), then give up.
+        """
+        window_ms = options.stale.after_ms or options.concurrency.wait_timeout_ms
+        deadline = time.monotonic() + window_ms / 1000
+        backoff = _Backoff(options.concurrency)
+        while True:
+            try:
+                return await self.store.commit(effect.id, outcome, fence=effect.fence, actor=SYSTEM)
+            except EffectStoreError:
+                if not await backoff.sleep(deadline):
+                    raise
+
     async def _follow(self, effect: Effect, options: _Resolved) -> Any:
         """We lost the effect (stale takeover or cancel) while the handler ran: report the
         outcome the ledger holds, so every caller of the key sees the same answer."""
-        since = time.monotonic()
-        current = await self.store.get(effect.id)
-        return await self._settle(current or effect, None, options, since)
+        return await self._settle(effect, None, options, since=float("-inf"), reread=True)
 
     async def _settle(
-        self, effect: Effect, handler: Handler | None, options: _Resolved, since: float
+        self,
+        effect: Effect,
+        handler: Handler | None,
+        options: _Resolved,
+        since: float,
+        *,
+        reread: bool = False,
     ) -> Any:
         """Wait (woken by the store, or with backoff and jitter) until the effect is terminal,
-        claiming it if it becomes ready or stale, then return or raise its outcome."""
+        claiming it if it becomes ready or stale, then return or raise its outcome.
+
+        A failing store (a restart, a failover) does not end the wait: reads and claims are
+        retried with the caller's backoff until its deadline, since the outcome it waits for
+        may well be committed meanwhile. Only then is the last store error raised.
+        """
         concurrency = options.concurrency
         deadline = time.monotonic() + concurrency.wait_timeout_ms / 1000
-        interval = concurrency.initial_interval_ms / 1000
+        backoff = _Backoff(concurrency)
+        failure: EffectStoreError | None = None
         while True:
+            if reread:
+                try:
+                    since = time.monotonic()
+                    current = await self.store.get(effect.id)
+                except EffectStoreError as exc:
+                    failure = exc
+                    if not await backoff.sleep(deadline):
+                        raise
+                    continue
+                if current is None:
+                    raise EffectLedgerError(f"effect {effect.id} disappeared while waiting")
+                effect, failure, reread = current, None, False
             status = effect.status
             if status is EffectStatus.SUCCEEDED:
                 return effect.result
@@ -298,33 +368,61 @@ class EffectLedger:
             if handler is not None and (
                 status is EffectStatus.READY or _looks_stale(effect, options.stale.after_ms)
             ):
-                claimed = await self.store.claim(
-                    effect.id, stale_after_ms=options.stale.after_ms, actor=SYSTEM
-                )
+                try:
+                    claimed = await self.store.claim(
+                        effect.id, stale_after_ms=options.stale.after_ms, actor=SYSTEM
+                    )
+                except EffectStoreError as exc:
+                    failure, claimed = exc, None
                 if claimed is not None:
                     return await self._execute(claimed, handler, options)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                if failure is not None:
+                    raise failure
                 if status is EffectStatus.REQUIRES_APPROVAL:
                     raise ApprovalPendingError(effect.idem_key, concurrency.wait_timeout_ms)
                 raise EffectTimeoutError(effect.idem_key, concurrency.wait_timeout_ms)
-            jitter = 1 + concurrency.jitter_factor * (2 * random.random() - 1)
-            changed = await self.store.wait_for_change(
-                effect.id, min(remaining, interval * jitter), since
-            )
-            interval = min(
-                interval * concurrency.backoff_multiplier, concurrency.max_interval_ms / 1000
-            )
+            try:
+                changed = await self.store.wait_for_change(
+                    effect.id, min(remaining, backoff.next_interval()), since
+                )
+            except EffectStoreError as exc:
+                failure, changed = exc, None
+                await backoff.sleep(deadline)
             if changed is not None and changed.id == effect.id and changed.is_terminal:
                 # Terminal states never change again, so the state the store handed over is
                 # the truth: no re-read. Anything else is re-read (it may be outdated).
                 effect = changed
                 continue
-            since = time.monotonic()
-            current = await self.store.get(effect.id)
-            if current is None:
-                raise EffectLedgerError(f"effect {effect.id} disappeared while waiting")
-            effect = current
+            reread = True
+
+
+class _Backoff:
+    """The caller's ``ConcurrencyOptions`` as a sequence of jittered, growing intervals."""
+
+    __slots__ = ("_interval", "_options")
+
+    def __init__(self, options: ConcurrencyOptions) -> None:
+        self._options = options
+        self._interval = options.initial_interval_ms / 1000
+
+    def next_interval(self) -> float:
+        options = self._options
+        jitter = 1 + options.jitter_factor * (2 * random.random() - 1)
+        interval = self._interval * jitter
+        self._interval = min(
+            self._interval * options.backoff_multiplier, options.max_interval_ms / 1000
+        )
+        return interval
+
+    async def sleep(self, deadline: float) -> bool:
+        """Sleep the next interval; False (without sleeping) once ``deadline`` has passed."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        await asyncio.sleep(min(remaining, self.next_interval()))
+        return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -395,12 +493,29 @@ class _Resolved:
 
 
 def _resolve(defaults: RunOptions, given: RunOptions) -> _Resolved:
-    """A call's own option fields win where set; then the ledger's defaults; then the spec's."""
+    """Merge field by field: what the call set wins, then what the ledger's defaults set, then
+    the spec's defaults. Nested options merge the same way, so ``initial_interval_ms=10`` on a
+    call keeps the ledger's ``wait_timeout_ms``."""
     return _Resolved(
-        requires_approval=given.requires_approval or defaults.requires_approval,
-        concurrency=given.concurrency or defaults.concurrency or ConcurrencyOptions(),
-        stale=given.stale or defaults.stale or StaleOptions(),
+        requires_approval=_merged(defaults, given).requires_approval,
+        concurrency=_merged(defaults.concurrency, given.concurrency, ConcurrencyOptions),
+        stale=_merged(defaults.stale, given.stale, StaleOptions),
     )
+
+
+def _merged(base: Any, override: Any, kind: type | None = None) -> Any:
+    """``override``'s explicitly set fields over ``base``'s (either may be None)."""
+    if override is None and base is None:
+        return kind() if kind is not None else None
+    if override is None or base is None:
+        return override if base is None else base
+    given = fields_set(override)
+    if not given:
+        return base
+    values = {name: getattr(base, name) for name in fields_set(base)}
+    values.update({name: getattr(override, name) for name in given})
+    # Rebuilt, so the merged whole is validated (initial_interval_ms <= max_interval_ms).
+    return type(override)(**values)
 
 
 async def _call(handler: Handler, effect: Effect) -> Any:

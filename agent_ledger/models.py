@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import models
@@ -137,6 +138,17 @@ class Effect(models.Model):
         return f"{self.tool} [{self.status}] {self.workflow_id}"
 
 
+class EffectTransitionQuerySet(models.QuerySet["EffectTransition"]):
+    def of_effect(self, effect_id: uuid.UUID) -> EffectTransitionQuerySet:
+        """One effect's history, oldest first (``agent_ledger_trans_effect``)."""
+        return self.filter(effect_id=effect_id).order_by("at", "id")
+
+    def record(self, **fields: Any) -> EffectTransition:
+        """Append a history row: the one way the ORM writes history, inside the transaction
+        of the change it records (``PostgresStore``'s statements write the same columns)."""
+        return self.create(**fields)
+
+
 class EffectTransition(models.Model):
     """One status change, written in the same transaction as the change itself."""
 
@@ -164,6 +176,8 @@ class EffectTransition(models.Model):
     )
     actor_name = models.CharField(max_length=150, blank=True, default="", db_default="")
     reason = models.TextField(null=True, blank=True)
+
+    objects = EffectTransitionQuerySet.as_manager()
 
     class Meta:
         verbose_name = _("transition")

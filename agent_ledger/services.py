@@ -15,10 +15,10 @@ from django.core.signals import setting_changed
 from django.dispatch import receiver
 
 from .conf import ledger_settings
-from .ledger import EffectLedger, decision_request
+from .ledger import EffectLedger, EffectLedgerOptions, decision_request
 from .stores.base import TransitionRecord
 from .stores.django import DjangoStore
-from .types import Actor, EffectLedgerOptions
+from .types import Actor
 
 __all__ = ["approve", "cancel", "deny", "get_ledger"]
 

@@ -13,12 +13,9 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from .errors import EffectLedgerValidationError
-
-if TYPE_CHECKING:
-    from .stores.base import EffectStore
 
 JsonValue = Any
 IdempotencyStatus = Literal["fresh", "replayed"]
@@ -53,9 +50,12 @@ TERMINAL_STATUSES = frozenset(
 ACTIVE_STATUSES = frozenset(EffectStatus) - TERMINAL_STATUSES
 
 
-def _strict(cls: type[_T]) -> type[_T]:
-    """Turn a dataclass's TypeError for an unknown keyword into a validation error naming it."""
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+def strict(cls: type[_T]) -> type[_T]:
+    """Turn a dataclass's TypeError for an unknown keyword into a validation error naming it,
+    and remember which fields the caller gave (``fields_set``), so that options merge field by
+    field: a caller's explicit ``requires_approval=False`` wins over a ledger default of True."""
+    ordered = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    names = set(ordered)
     init = cls.__init__
 
     @functools.wraps(init)
@@ -67,9 +67,16 @@ def _strict(cls: type[_T]) -> type[_T]:
                 field=unknown[0],
             )
         init(self, *args, **kwargs)
+        object.__setattr__(self, "_fields_set", frozenset(ordered[: len(args)]) | set(kwargs))
 
     cls.__init__ = __init__  # type: ignore[method-assign]
     return cls
+
+
+def fields_set(options: object) -> frozenset[str]:
+    """The fields the caller passed when building ``options`` (an option class instance)."""
+    given: frozenset[str] = getattr(options, "_fields_set", frozenset())
+    return given
 
 
 def _require_str(
@@ -94,7 +101,7 @@ def _require_str(
         )
 
 
-def _require_number(
+def require_number(
     value: object,
     field: str,
     *,
@@ -117,14 +124,14 @@ def _require_number(
         raise EffectLedgerValidationError(f"must be <= {maximum:g}, got {value}", field=field)
 
 
-def _require_instance(value: object, kind: type, field: str) -> None:
+def require_instance(value: object, kind: type, field: str) -> None:
     if value is not None and not isinstance(value, kind):
         raise EffectLedgerValidationError(
             f"must be a {kind.__name__}, got {type(value).__name__}", field=field
         )
 
 
-@_strict
+@strict
 @dataclasses.dataclass(frozen=True)
 class ResourceDescriptor:
     """Names the thing a call acts on, so retries with reworded args still share one key."""
@@ -140,7 +147,7 @@ class ResourceDescriptor:
             raise EffectLedgerValidationError("must be a non-empty dict", field="resource.id")
 
 
-@_strict
+@strict
 @dataclasses.dataclass(frozen=True)
 class ToolCall:
     workflow_id: str
@@ -158,7 +165,7 @@ class ToolCall:
             raise EffectLedgerValidationError(
                 f"must be a dict, got {type(self.args).__name__}", field="args"
             )
-        _require_instance(self.resource, ResourceDescriptor, "resource")
+        require_instance(self.resource, ResourceDescriptor, "resource")
         keys = self.idempotency_keys
         if keys is not None:
             if isinstance(keys, str) or not isinstance(keys, Sequence) or not keys:
@@ -178,7 +185,7 @@ class ToolCall:
                 raise EffectLedgerValidationError("names repeat", field="idempotency_keys")
 
 
-@_strict
+@strict
 @dataclasses.dataclass(frozen=True)
 class ConcurrencyOptions:
     """How long and how often a caller waits for another caller's outcome or a human's decision."""
@@ -190,13 +197,13 @@ class ConcurrencyOptions:
     jitter_factor: float = 0.3
 
     def __post_init__(self) -> None:
-        _require_number(self.wait_timeout_ms, "wait_timeout_ms", minimum=0)
-        _require_number(
+        require_number(self.wait_timeout_ms, "wait_timeout_ms", minimum=0)
+        require_number(
             self.initial_interval_ms, "initial_interval_ms", minimum=0, exclusive_minimum=True
         )
-        _require_number(self.max_interval_ms, "max_interval_ms", minimum=0, exclusive_minimum=True)
-        _require_number(self.backoff_multiplier, "backoff_multiplier", minimum=1)
-        _require_number(self.jitter_factor, "jitter_factor", minimum=0, maximum=1)
+        require_number(self.max_interval_ms, "max_interval_ms", minimum=0, exclusive_minimum=True)
+        require_number(self.backoff_multiplier, "backoff_multiplier", minimum=1)
+        require_number(self.jitter_factor, "jitter_factor", minimum=0, maximum=1)
         if self.initial_interval_ms > self.max_interval_ms:
             raise EffectLedgerValidationError(
                 f"must be <= max_interval_ms ({self.max_interval_ms}), "
@@ -205,7 +212,7 @@ class ConcurrencyOptions:
             )
 
 
-@_strict
+@strict
 @dataclasses.dataclass(frozen=True)
 class StaleOptions:
     """An effect left processing longer than ``after_ms`` may be taken over; 0 disables."""
@@ -213,10 +220,10 @@ class StaleOptions:
     after_ms: float = 60_000
 
     def __post_init__(self) -> None:
-        _require_number(self.after_ms, "after_ms", minimum=0)
+        require_number(self.after_ms, "after_ms", minimum=0)
 
 
-@_strict
+@strict
 @dataclasses.dataclass(frozen=True)
 class RunOptions:
     requires_approval: bool = False
@@ -229,32 +236,8 @@ class RunOptions:
                 f"must be a bool, got {type(self.requires_approval).__name__}",
                 field="requires_approval",
             )
-        _require_instance(self.concurrency, ConcurrencyOptions, "concurrency")
-        _require_instance(self.stale, StaleOptions, "stale")
-
-
-@_strict
-@dataclasses.dataclass(frozen=True)
-class EffectLedgerOptions:
-    store: EffectStore
-    max_args_size_bytes: int = DEFAULT_MAX_ARGS_SIZE_BYTES
-    #: Defaults for every ``run``; a call's own ``RunOptions`` fields win where they are set.
-    defaults: RunOptions | None = None
-
-    def __post_init__(self) -> None:
-        from .stores.base import EffectStore
-
-        if not isinstance(self.store, EffectStore):
-            raise EffectLedgerValidationError(
-                f"must implement the EffectStore protocol, got {type(self.store).__name__}",
-                field="store",
-            )
-        if isinstance(self.max_args_size_bytes, bool) or not isinstance(
-            self.max_args_size_bytes, int
-        ):
-            raise EffectLedgerValidationError("must be an int", field="max_args_size_bytes")
-        _require_number(self.max_args_size_bytes, "max_args_size_bytes", minimum=1)
-        _require_instance(self.defaults, RunOptions, "defaults")
+        require_instance(self.concurrency, ConcurrencyOptions, "concurrency")
+        require_instance(self.stale, StaleOptions, "stale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +337,7 @@ class CommitFailed:
     status: Literal["failed"] = dataclasses.field(default="failed", init=False)
 
     def __post_init__(self) -> None:
-        _require_instance(self.error, EffectError, "error")
+        require_instance(self.error, EffectError, "error")
         if self.error is None:
             raise EffectLedgerValidationError("is required", field="error")
 

@@ -1,40 +1,39 @@
 """``DjangoStore``: the store protocol on the Django ORM, for any database Django supports.
 
 Every protocol method ``x`` has a sync twin ``x_sync`` with the same arguments that holds the
-real ORM code. The sync twins are what the sync service (admin, DRF, management commands) calls,
-on the request's own connection and transaction. The async methods run the twin on the store's
-own thread pool (as ``sync_to_async(thread_sensitive=False)`` would), so concurrent coroutines
-use different threads and therefore different connections; a single thread would serialise
-every coroutine of the process behind one connection. On PostgreSQL the calls on every tool
-call's path, ``begin`` and ``commit``, and the reads waiters poll with, skip the threads: they
-run the shared statements on the caller's event loop (``_aio``), and only signals go to a
-thread, when someone listens. Concurrent begins of one key share one statement there.
+real ORM code: a transition is lock (``select_for_update()``), check, change, history row, in one
+``atomic()`` block. The sync service (admin, DRF, management commands) calls the twins on the
+request's own connection and transaction.
 
-Connections: at most ``AGENT_LEDGER["ASYNC_THREADS"]`` threads, one connection each, and on
-PostgreSQL at most as many of each event loop's own. With ``CONN_MAX_AGE = 0`` a connection is
-closed once it has had no ledger work for a second (a burst of calls shares it); with a positive
-or ``None`` ``CONN_MAX_AGE`` connections persist as Django's do. Broken connections are dropped
-after the call that found them broken. ``close_connections()`` closes them all at once (tests,
-shutdown) and writes the replay counts still held (see ``_pgsql``).
+The async methods run the twins on one bounded thread pool (``AGENT_LEDGER["ASYNC_THREADS"]``
+threads), each call wrapped in ``close_old_connections()`` as Django does around a request and
+django-tasks' worker around a task: ``CONN_MAX_AGE``, ``CONN_HEALTH_CHECKS`` and
+``OPTIONS["pool"]`` govern every connection, and with Django's default ``CONN_MAX_AGE = 0`` a
+connection lives for one call. Whatever event loops call in (one per ``asyncio.run``, per
+``async_to_sync``, per Celery task), a process holds at most that many connections, plus one
+LISTEN connection on PostgreSQL. The pool is per process; a forked child makes its own.
 
-Clocks: ``created_at``/``updated_at`` are written with ``Now()`` and staleness is judged against
-``Now()`` read in the same locked query, so the database clock decides, not the clocks of the
-(possibly many) application servers.
+On PostgreSQL, outside the caller's ``atomic()``, ``begin`` and ``commit`` are single statements
+(``postgres.BEGIN`` / ``postgres.COMMIT``) run through Django's own cursor: one round trip each,
+history row and NOTIFY included. Every other change sends its NOTIFY in its own transaction, so
+waiters in other processes (a worker waiting for the admin's approval) wake at once.
+
+Clocks: timestamps are the database's (``Now()``), and staleness is judged against ``Now()``
+read in the same locked query, so the clocks of many application servers do not matter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import functools
 import logging
-import queue
+import os
 import threading
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
-from concurrent.futures import Executor, Future
-from contextlib import contextmanager
+from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -43,6 +42,7 @@ from django.db import (
     DataError,
     Error,
     IntegrityError,
+    close_old_connections,
     connections,
     transaction,
 )
@@ -65,10 +65,9 @@ from ..types import (
     EffectStatus,
     Transition,
 )
-from . import _aio
-from . import _pgsql as pgsql
 from ._listen import Listener
 from .base import (
+    CHANNEL,
     BeginRecord,
     ChangeNotifier,
     NewEffect,
@@ -86,12 +85,9 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: Wakes waiters in this process as soon as a change commits (any DjangoStore instance, any
-#: thread, including the sync service). Changes made by other processes are seen by polling.
+#: Wakes this process's waiters when a change commits (any thread, any event loop); the
+#: LISTEN connection feeds it the changes of other processes.
 _notifier = ChangeNotifier()
-
-_executor: _LedgerThreads | None = None
-_executor_lock = threading.Lock()
 
 _SIGNALS: dict[EffectStatus, Signal] = {
     EffectStatus.REQUIRES_APPROVAL: signals.approval_requested,
@@ -108,9 +104,6 @@ class DjangoStore:
 
     def __init__(self, using: str | None = None) -> None:
         self._using = using
-        self._claims: dict[str, Future[Effect | None]] = {}
-        self._claims_lock = threading.Lock()
-        self._owned = pgsql.OwnedEffects()
 
     @property
     def using(self) -> str:
@@ -120,89 +113,21 @@ class DjangoStore:
     def __repr__(self) -> str:
         return f"DjangoStore(using={self._using!r})"
 
-    # -- the async protocol: each runs its sync twin on a worker thread -----------------------
+    # -- the async protocol: each runs its sync twin on the store's threads --------------------
 
     async def begin(self, new: NewEffect) -> BeginRecord:
-        native = self._native()
-        if native is None:
-            return await self._in_thread(self.begin_sync, new)
-        using = self.using
-        params = _begin_params(new, _user_id(new.actor))
-
-        async def statement() -> BeginRecord:
-            async with native.connection("begin") as conn:
-                found = await pgsql.begin_row(
-                    lambda: _fetch_async(conn, pgsql.BEGIN, params), new.idem_key
-                )
-            record = _begin_record(using, new, found)
-            if record.created:
-                self._owned.add(record.effect)
-            return record
-
-        record = await _shared_begins(native, using).begin(new.idem_key, statement)
-        if record.created:
-            await self._announce(record.effect, None, new.actor)
-        return record
+        return await _in_thread(self.begin_sync, new)
 
     async def get(self, effect_id: str) -> Effect | None:
-        # Waiters poll with reads, many at once: on the loop too, or they crowd the threads.
-        native = self._native()
-        if native is None:
-            return await self._in_thread(self.get_sync, effect_id)
-        pk = parse_uuid(effect_id)
-        if pk is None:
-            return None
-        await _write_counts_owed_async(self.using, native, effect_id=effect_id)
-        async with native.connection("get") as conn:
-            row = await _fetch_async(conn, pgsql.GET, (pk,))
-        return None if row is None else pgsql.effect_from_row(row, json_as_text=True)
+        return await _in_thread(self.get_sync, effect_id)
 
     async def get_by_idem_key(self, idem_key: str) -> Effect | None:
-        native = self._native()
-        if native is None:
-            return await self._in_thread(self.get_by_idem_key_sync, idem_key)
-        await _write_counts_owed_async(self.using, native, idem_key=idem_key)
-        async with native.connection("get_by_idem_key") as conn:
-            row = await _fetch_async(conn, pgsql.GET_BY_KEY, (idem_key,))
-        return None if row is None else pgsql.effect_from_row(row, json_as_text=True)
+        return await _in_thread(self.get_by_idem_key_sync, idem_key)
 
     async def commit(
         self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
     ) -> Effect | None:
-        native = self._native()
-        if native is None:
-            return await self._in_thread(
-                self.commit_sync, effect_id, outcome, fence=fence, actor=actor
-            )
-        pk = parse_uuid(effect_id)
-        if pk is None:
-            return None
-        owned = self._owned.pop(effect_id)
-        query, params = pgsql.commit_statement(
-            pk, outcome, fence, _actor_params(actor, _user_id(actor)), brief=owned is not None
-        )
-        async with native.connection("commit") as conn:
-            committed = await _fetch_async(conn, query, params)
-        if committed is None:
-            return None
-        effect = _committed(owned, outcome, committed)
-        await self._announce(effect, EffectStatus.PROCESSING, actor)
-        return effect
-
-    def _native(self) -> _aio.LoopConnections | None:
-        """This loop's own connections for the hot path (PostgreSQL), else None: threads."""
-        return _aio.for_alias(self.using)
-
-    async def _announce(
-        self, effect: Effect, from_status: EffectStatus | None, actor: Actor
-    ) -> None:
-        """``_announce`` for a change committed on the loop: wake waiters here, and send the
-        signal on a store thread (receivers are sync code that may use the ORM), if anyone
-        listens."""
-        _notifier.notify(effect.id, effect)
-        signal = _signal_for(effect, from_status)
-        if signal is not None and signal.has_listeners(EffectRow):
-            await self._in_thread(_send, signal, effect, actor)
+        return await _in_thread(self.commit_sync, effect_id, outcome, fence=fence, actor=actor)
 
     async def transition(
         self,
@@ -214,7 +139,7 @@ class DjangoStore:
         reason: str | None = None,
         error: EffectError | None = None,
     ) -> TransitionRecord:
-        return await self._in_thread(
+        return await _in_thread(
             self.transition_sync,
             idem_key,
             from_statuses=from_statuses,
@@ -225,40 +150,12 @@ class DjangoStore:
         )
 
     async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
-        """Concurrent claims of one effect through this store share one database round trip.
-
-        Waiters of a stale or just-approved effect all try to claim it at once; at most one can
-        win, so the others wait for the first attempt and report "someone else was first"
-        (None) instead of queueing on the row lock, which under load can take longer than a
-        short ``stale_after_ms`` and turn one takeover into several.
-        """
-        with self._claims_lock:
-            shared = self._claims.get(effect_id)
-            mine = shared is None
-            if shared is None:
-                shared = self._claims[effect_id] = Future()
-        if not mine:
-            await asyncio.wrap_future(shared)
-            return None
-        try:
-            claimed = await self._in_thread(
-                self.claim_sync, effect_id, stale_after_ms=stale_after_ms, actor=actor
-            )
-        except asyncio.CancelledError:
-            shared.set_result(None)  # the others were not canceled; they just did not win
-            raise
-        except BaseException as exc:
-            shared.set_exception(exc)
-            raise
-        else:
-            shared.set_result(claimed)
-            return claimed
-        finally:
-            with self._claims_lock:
-                del self._claims[effect_id]
+        return await _in_thread(
+            self.claim_sync, effect_id, stale_after_ms=stale_after_ms, actor=actor
+        )
 
     async def history(self, effect_id: str) -> list[Transition]:
-        return await self._in_thread(self.history_sync, effect_id)
+        return await _in_thread(self.history_sync, effect_id)
 
     async def wait_for_change(
         self, effect_id: str, timeout_s: float, since: float
@@ -272,14 +169,15 @@ class DjangoStore:
         using = self.using
         user_id = _user_id(new.actor)
         if _fast_path(using):
-            params = _begin_params(new, user_id)
+            from . import postgres as pg
+
+            params = pg.begin_params(new, pg.actor_params(new.actor, user_id))
             with _store_errors("begin"):
-                found = pgsql.begin_row_sync(
-                    lambda: _fetch(using, pgsql.BEGIN, params), new.idem_key
-                )
-            record = _begin_record(using, new, found)
+                row = _fetch(using, pg.BEGIN, params, attempts=pg.BEGIN_ATTEMPTS)
+            if row is None:
+                raise pg.vanished(new.idem_key)
+            record = BeginRecord(pg.effect_from_row(row, json_as_text=True), row["created"])
             if record.created:
-                self._owned.add(record.effect)
                 _announce(using, record.effect, None, new.actor)
             return record
         with _store_errors("begin"), transaction.atomic(using=using):
@@ -319,13 +217,11 @@ class DjangoStore:
         pk = parse_uuid(effect_id)
         if pk is None:
             return None
-        _write_counts_owed(self.using, effect_id=effect_id)
         with _store_errors("get"):
             row = EffectRow.objects.using(self.using).filter(pk=pk).first()
         return None if row is None else _effect(row)
 
     def get_by_idem_key_sync(self, idem_key: str) -> Effect | None:
-        _write_counts_owed(self.using, idem_key=idem_key)
         with _store_errors("get_by_idem_key"):
             row = EffectRow.objects.using(self.using).filter(idem_key=idem_key).first()
         return None if row is None else _effect(row)
@@ -338,22 +234,21 @@ class DjangoStore:
             return None
         using = self.using
         user_id = _user_id(actor)
+        if _fast_path(using):
+            from . import postgres as pg
+
+            params = pg.commit_params(pk, outcome, fence, pg.actor_params(actor, user_id))
+            with _store_errors("commit"):
+                row = _fetch(using, pg.COMMIT, params)
+            if row is None:
+                return None
+            effect = pg.effect_from_row(row, json_as_text=True)
+            _announce(using, effect, EffectStatus.PROCESSING, actor)
+            return effect
         if isinstance(outcome, CommitSucceeded):
             status, changes = EffectStatus.SUCCEEDED, {"result": outcome.result}
         else:
             status, changes = EffectStatus.FAILED, {"error": outcome.error.to_dict()}
-        handed_out = self._owned.pop(effect_id)
-        if _fast_path(using):
-            query, params = pgsql.commit_statement(
-                pk, outcome, fence, _actor_params(actor, user_id), brief=handed_out is not None
-            )
-            with _store_errors("commit"):
-                committed = _fetch(using, query, params)
-            if committed is None:
-                return None
-            effect = _committed(handed_out, outcome, committed)
-            _announce(using, effect, EffectStatus.PROCESSING, actor)
-            return effect
         with _store_errors("commit"), transaction.atomic(using=using):
             # No lock needed: the UPDATE's own conditions (still processing, fence unchanged)
             # are checked and applied in one statement (PostgreSQL re-checks them on the row
@@ -413,12 +308,15 @@ class DjangoStore:
             return None
         using = self.using
         user_id = _user_id(actor)
+        # skip_locked, as django-tasks' get_locked(): a row another claimer holds is being
+        # claimed, and at most one can win, so "someone else was first" is the answer now,
+        # instead of queueing on the lock (which under load can outlast a short stale window
+        # and turn one takeover into several).
+        skip = connections[using].features.has_select_for_update_skip_locked
         with _store_errors("claim"), transaction.atomic(using=using):
-            # Lock the row so that of two waiters who both see it ready (or stale), only one
-            # becomes the owner; the other blocks here and then sees the raised fence.
             current = (
                 EffectRow.objects.using(using)
-                .select_for_update()
+                .select_for_update(skip_locked=skip)
                 .filter(pk=pk)
                 .annotate(db_now=Now())
                 .first()
@@ -426,9 +324,7 @@ class DjangoStore:
             if current is None:
                 return None
             before = _effect(current)
-            # The database's clock, read by the locking statement itself: on PostgreSQL that is
-            # when the statement started, so a claim that queued behind the winner's lock sees
-            # the winner's fresh updated_at as "not stale yet" instead of taking over again.
+            # The database's clock, read by the locking statement itself.
             db_now: datetime = current.db_now  # type: ignore[attr-defined]
             if not claimable(before, stale_after_ms=stale_after_ms, now=db_now):
                 return None
@@ -445,7 +341,6 @@ class DjangoStore:
             effect = _effect(EffectRow.objects.using(using).get(pk=pk))
             reason = "stale takeover" if before.status is EffectStatus.PROCESSING else None
             _record(using, effect, before.status, actor, user_id, reason)
-        self._owned.add(effect)
         return effect
 
     def history_sync(self, effect_id: str) -> list[Transition]:
@@ -453,9 +348,7 @@ class DjangoStore:
         if pk is None:
             return []
         with _store_errors("history"):
-            rows = list(
-                EffectTransition.objects.using(self.using).filter(effect_id=pk).order_by("at", "id")
-            )
+            rows = list(EffectTransition.objects.using(self.using).of_effect(pk))
         return [
             Transition(
                 effect_id=str(row.effect_id),
@@ -468,172 +361,91 @@ class DjangoStore:
             for row in rows
         ]
 
-    # -- threads and connections ----------------------------------------------------------------
 
-    async def _in_thread(self, func: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        # What sync_to_async(thread_sensitive=False) does, minus its machinery for calling back
-        # into async code, which store calls never do: this sits on every call's hot path.
-        context = contextvars.copy_context()
-        call = functools.partial(context.run, _in_worker, func, *args, **kwargs)
-        return await asyncio.get_running_loop().run_in_executor(_get_executor(), call)
+# -- the threads -------------------------------------------------------------------------------
+
+_threads: tuple[ThreadPoolExecutor, int] | None = None
+_threads_lock = threading.Lock()
 
 
-def _in_worker(func: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    """Run ``func`` on one of the store's threads, which no request cycle cleans up after."""
-    _tidy_connections(idle=False)
+async def _in_thread(func: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    context = contextvars.copy_context()
+    call = functools.partial(context.run, _unit_of_work, func, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_executor(), call)
+
+
+def _unit_of_work(func: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """One store call on a store thread, with Django's connection handling around it (what a
+    request gets from its start and end signals)."""
+    close_old_connections()
     try:
         return func(*args, **kwargs)
     except EffectStoreError as exc:
-        cause = exc.__cause__
-        if isinstance(cause, Error) and not isinstance(cause, (DataError, IntegrityError)):
-            # The connection may be broken, and SQLite's is_usable() always says yes: drop it
-            # so the next call on this thread opens a fresh one. Errors are rare; reconnecting
-            # is cheap next to handing a dead connection to every later call.
+        if _suspect(exc):
+            # Broken, read-only, or from a server that was shutting down: is_usable() may still
+            # say yes (SQLite's always does), so never hand it to the next call.
             for conn in connections.all(initialized_only=True):
                 conn.close()
         raise
+    finally:
+        close_old_connections()
 
 
-def _tidy_connections(*, idle: bool) -> None:
-    """What ``close_old_connections()`` does at a request's start and end, for these threads.
-
-    Broken connections and connections older than ``CONN_MAX_AGE`` are closed. With
-    ``CONN_MAX_AGE = 0`` (Django's default) a connection counts as old once its thread goes
-    idle rather than after every call: a burst of ledger calls (waiters polling, many
-    coroutines) then reuses it instead of paying for a new connection each time, and every
-    connection is still closed within ``_IDLE_CLOSE_S`` of the burst ending.
-    """
-    for conn in connections.all(initialized_only=True):
-        if idle or conn.settings_dict["CONN_MAX_AGE"] != 0:
-            conn.close_if_unusable_or_obsolete()
-            continue
-        # So that CONN_HEALTH_CHECKS checks once per call, as it does once per request.
-        conn.health_check_done = False  # type: ignore[attr-defined]
-        if conn.connection is not None and conn.errors_occurred:
-            if conn.is_usable():
-                conn.errors_occurred = False
-            else:
-                conn.close()
+def _suspect(exc: EffectStoreError) -> bool:
+    """A failure that may be the connection's, not the statement data's."""
+    cause = exc.__cause__
+    return isinstance(cause, Error) and not isinstance(cause, (DataError, IntegrityError))
 
 
-#: How long a store thread keeps a CONN_MAX_AGE=0 connection while waiting for more work.
-_IDLE_CLOSE_S = 1.0
-
-_WorkItem = tuple["Future[Any]", Callable[..., Any], tuple[Any, ...], dict[str, Any]]
-
-
-class _LedgerThreads(Executor):
-    """The store's threads: up to ``max_workers``, so at most that many connections.
-
-    Its own pool, not the loop's default one: sync handlers run there (``asyncio.to_thread``)
-    and blocking tools must not starve the ledger of threads to record their outcome. Unlike
-    ``ThreadPoolExecutor`` a thread notices when it goes idle, which is when it closes its
-    connections (see ``_tidy_connections``); on shutdown every thread closes its connections.
-    """
-
-    def __init__(self, max_workers: int, *, idle_close_s: float = _IDLE_CLOSE_S) -> None:
-        self._max_workers = max_workers
-        self._idle_close_s = idle_close_s
-        self._queue: queue.SimpleQueue[_WorkItem | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._idle = 0
-        self._pending = 0
-        self._shut_down = False
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        with self._lock:
-            if self._shut_down:
-                raise RuntimeError("cannot schedule new calls after shutdown")
-            self._queue.put((future, fn, args, kwargs))
-            self._pending += 1
-            if self._pending > self._idle and len(self._threads) < self._max_workers:
-                thread = threading.Thread(
-                    target=self._work, name=f"agent-ledger-{len(self._threads)}", daemon=True
-                )
-                self._threads.append(thread)
-                thread.start()
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        with self._lock:
-            self._shut_down = True
-            threads = list(self._threads)
-        for _ in threads:
-            self._queue.put(None)
-        if wait:
-            for thread in threads:
-                thread.join()
-
-    def _work(self) -> None:
-        try:
-            while True:
-                with self._lock:
-                    self._idle += 1
-                try:
-                    item = self._queue.get(timeout=self._idle_close_s)
-                except queue.Empty:
-                    _close_idle_connections()
-                    item = self._queue.get()
-                with self._lock:
-                    self._idle -= 1
-                    if item is not None:
-                        self._pending -= 1
-                if item is None:
-                    return
-                future, fn, args, kwargs = item
-                del item
-                if not future.set_running_or_notify_cancel():
-                    continue
-                try:
-                    result = fn(*args, **kwargs)
-                except BaseException as exc:
-                    future.set_exception(exc)
-                else:
-                    future.set_result(result)
-                del future, fn, args, kwargs
-        finally:
-            connections.close_all()
-
-
-def _close_idle_connections() -> None:
-    try:
-        _tidy_connections(idle=True)
-    except Exception:
-        # Checking needs the database (autocommit, is_usable); if that fails, just close.
-        logger.debug("closing idle ledger connections without checking them", exc_info=True)
-        for conn in connections.all(initialized_only=True):
-            conn.close()
+def _executor() -> ThreadPoolExecutor:
+    global _threads
+    threads = _threads
+    if threads is None:
+        with _threads_lock:
+            if _threads is None:
+                size = ledger_settings.ASYNC_THREADS
+                _threads = (ThreadPoolExecutor(size, thread_name_prefix="agent-ledger"), size)
+            threads = _threads
+    return threads[0]
 
 
 def close_connections() -> None:
-    """Close every connection the store holds (its threads', and the LISTEN connection), now
-    instead of when they go idle.
+    """Close the connections the store's threads keep (``CONN_MAX_AGE`` > 0) and its LISTEN
+    connections now, and stop the threads; the next async call starts new ones.
 
-    For tests (before the test database is flushed or dropped) and shutdown hooks; call it
-    when no async ledger call is in flight. New threads are started by the next call.
+    For tests (before the test database is dropped) and shutdown hooks; call it when no async
+    ledger call is in flight.
     """
-    global _executor
+    global _threads
+    with _threads_lock:
+        threads, _threads = _threads, None
     _stop_listening()
-    _aio.close_all()
-    if any(_replay_counts.values()):
-        # On a store thread: never inside the caller's transaction. A failure is logged and
-        # the counts are kept for a later try; closing goes on.
-        _get_executor().submit(functools.partial(_in_worker, _write_all_counts_quietly)).result()
-    with _executor_lock:
-        executor, _executor = _executor, None
-    if executor is not None:
-        executor.shutdown(wait=True)
+    if threads is None:
+        return
+    executor, size = threads
+    # One task per thread: each waits at the barrier until all threads hold one, so every
+    # thread (even idle ones) closes the connections it owns.
+    barrier = threading.Barrier(size)
+
+    def close_mine() -> None:
+        connections.close_all()
+        with suppress(threading.BrokenBarrierError):
+            barrier.wait(timeout=5)
+
+    for _ in range(size):
+        executor.submit(close_mine)
+    executor.shutdown(wait=True)
 
 
-def _get_executor() -> _LedgerThreads:
-    global _executor
-    if _executor is None:
-        with _executor_lock:
-            if _executor is None:
-                _executor = _LedgerThreads(ledger_settings.ASYNC_THREADS)
-    return _executor
+def _forget_after_fork() -> None:
+    """A forked child (Celery prefork, gunicorn) has none of the parent's threads; it must not
+    touch the parent's sockets either, so it drops, not closes, what it inherited."""
+    global _threads
+    _threads = None
+    _listeners.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 @contextmanager
@@ -647,7 +459,7 @@ def _store_errors(operation: str) -> Iterator[None]:
         raise EffectStoreError(f"{type(exc).__name__}: {exc}", operation=operation) from exc
 
 
-# -- rows <-> values ---------------------------------------------------------------------------
+# -- rows, history and announcements -------------------------------------------------------------
 
 
 def _effect(row: EffectRow) -> Effect:
@@ -678,9 +490,9 @@ def _record(
     user_id: Any,
     reason: str | None,
 ) -> None:
-    """Append the history row (inside the caller's transaction) and, once that transaction
-    commits, wake this process's waiters and send the status's signal."""
-    EffectTransition.objects.using(using).create(
+    """In the caller's transaction: the history row, and on PostgreSQL the NOTIFY that
+    PostgreSQL delivers to other processes when it commits. Then announce it here."""
+    EffectTransition.objects.using(using).record(
         effect_id=uuid.UUID(effect.id),
         from_status=from_status.value if from_status is not None else None,
         to_status=effect.status.value,
@@ -689,19 +501,19 @@ def _record(
         actor_name=actor.name or "",
         reason=reason,
     )
+    conn = connections[using]
+    if conn.vendor == "postgresql":
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, effect.id])
     _announce(using, effect, from_status, actor)
 
 
 def _announce(using: str, effect: Effect, from_status: EffectStatus | None, actor: Actor) -> None:
     """Once the change commits: wake this process's waiters and send the status's signal."""
     transaction.on_commit(lambda: _notifier.notify(effect.id, effect), using=using)
-    signal = _signal_for(effect, from_status)
+    signal = _SIGNALS.get(effect.status) if from_status is not effect.status else None
     if signal is not None:
         transaction.on_commit(lambda: _send(signal, effect, actor), using=using)
-
-
-def _signal_for(effect: Effect, from_status: EffectStatus | None) -> Signal | None:
-    return _SIGNALS.get(effect.status) if from_status is not effect.status else None
 
 
 def _send(signal: Signal, effect: Effect, actor: Actor) -> None:
@@ -717,273 +529,6 @@ def _send(signal: Signal, effect: Effect, actor: Actor) -> None:
             )
 
 
-# -- PostgreSQL: the same single statements as PostgresStore ------------------------------------
-
-
-_listeners: dict[str, Listener] = {}
-_listeners_lock = threading.Lock()
-
-
-def _begin_params(new: NewEffect, user_id: Any) -> dict[str, Any]:
-    return {
-        "id": uuid.UUID(new.id),
-        "idem_key": new.idem_key,
-        "workflow_id": new.workflow_id,
-        "call_id": new.call_id,
-        "tool": new.tool,
-        "status": new.status.value,
-        "args_canonical": new.args_canonical,
-        "resource_id_canonical": new.resource_id_canonical,
-        "from_status": None,
-        "reason": None,
-        "replay_commit": "off",
-        "defer_count": ledger_settings.REPLAY_COUNT_DELAY_SECONDS > 0,
-        **_actor_params(new.actor, user_id),
-    }
-
-
-def _begin_record(using: str, new: NewEffect, found: dict[str, Any]) -> BeginRecord:
-    """The outcome of ``pgsql.BEGIN``; a replay of a finished effect is counted later."""
-    if found["created"]:
-        return BeginRecord(pgsql.effect_created(new, found), created=True)
-    unwritten = 0 if found["counted"] else _count_later(using, str(found["id"]), new.idem_key)
-    effect = pgsql.effect_from_row(found, json_as_text=True, unwritten_replays=unwritten)
-    return BeginRecord(effect, created=found["created"])
-
-
-def _committed(owned: Effect | None, outcome: CommitOutcome, row: dict[str, Any]) -> Effect:
-    if owned is not None:
-        return pgsql.effect_committed(owned, outcome, row)
-    return pgsql.effect_from_row(row, json_as_text=True)
-
-
-async def _fetch_async(
-    conn: Any, query: str, params: dict[str, Any] | tuple[Any, ...]
-) -> dict[str, Any] | None:
-    from psycopg.rows import dict_row
-
-    cursor = conn.cursor(row_factory=dict_row)
-    await cursor.execute(query, params)
-    row: dict[str, Any] | None = await cursor.fetchone()
-    return row
-
-
-def _fast_path(using: str) -> bool:
-    """On PostgreSQL, outside the caller's transaction, ``begin`` and ``commit`` run the shared
-    single statements (``_pgsql``): one round trip each, history row included, where the ORM
-    needs a transaction, a savepoint and several statements. Inside an ``atomic()`` block the
-    ORM path keeps the caller's transaction semantics (and the server's commit durability)."""
-    conn = connections[using]
-    return conn.vendor == "postgresql" and not conn.in_atomic_block
-
-
-def _fetch(using: str, query: str, params: dict[str, Any]) -> dict[str, Any] | None:
-    with _statement_cursor(using) as cursor:
-        cursor.execute(query, params)
-        row: dict[str, Any] | None = cursor.fetchone()
-        return row
-
-
-def _statement_cursor(using: str) -> Any:
-    """A cursor for the shared statements, still wrapped by Django (its error classes,
-    ``execute_wrapper`` and query logging) but binding parameters on the server, returning
-    dicts and, unless ``AGENT_LEDGER["PREPARE_STATEMENTS"]`` is off, preparing the statement.
-
-    Django's own cursors bind on the client, so PostgreSQL parses and plans each statement
-    anew: for these CTEs planning costs about as much as running them. A prepared statement is
-    planned once per connection (pooled and persistent connections keep it)."""
-    db = connections[using]
-    db.close_if_health_check_failed()
-    db.ensure_connection()
-    with db.wrap_database_errors:
-        cursor = _cursor_class(ledger_settings.PREPARE_STATEMENTS)(db.connection)
-        return db.make_debug_cursor(cursor) if db.queries_logged else db.make_cursor(cursor)
-
-
-@functools.cache
-def _cursor_class(prepare: bool) -> type[Any]:
-    # Imported here: SQLite projects need not have psycopg.
-    import psycopg
-    from psycopg.rows import dict_row
-
-    class StatementCursor(psycopg.Cursor[Any]):
-        def __init__(self, connection: Any) -> None:
-            super().__init__(connection, row_factory=dict_row)
-
-        def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-            if not prepare:
-                return super().execute(query, params)
-            # Django turns preparing off on its connections (``prepare_threshold`` None, for
-            # PgBouncer's sake) and psycopg then ignores ``prepare=True``: lift that for this
-            # call only, so the project's own queries keep Django's setting.
-            conn = self.connection
-            threshold = conn.prepare_threshold
-            conn.prepare_threshold = 0 if threshold is None else threshold
-            try:
-                return super().execute(query, params, prepare=True)
-            finally:
-                conn.prepare_threshold = threshold
-
-    return StatementCursor
-
-
-def _actor_params(actor: Actor, user_id: Any) -> dict[str, Any]:
-    return {"actor_label": actor.label, "actor_user_id": user_id, "actor_name": actor.name or ""}
-
-
-def _listen(using: str) -> None:
-    """Hear other processes' commits on PostgreSQL (one LISTEN connection per alias)."""
-    listener = _listeners.get(using)
-    if listener is None:
-        conn = connections[using]
-        if conn.vendor != "postgresql":
-            return
-        with _listeners_lock:
-            listener = _listeners.get(using)
-            if listener is None:
-                params = conn.get_connection_params()
-
-                def connect() -> psycopg.Connection[Any]:
-                    import psycopg
-
-                    return psycopg.connect(**{**params, "autocommit": True})
-
-                listener = _listeners[using] = Listener(connect, _notifier)
-    listener.start()
-
-
-# -- replay counts of finished effects (see ``_pgsql``) -----------------------------------------
-
-_replay_counts: dict[str, pgsql.ReplayCounts] = {}
-
-
-def _shared_begins(native: _aio.LoopConnections, using: str) -> pgsql.SharedBegins:
-    """The loop's shared begins (``pgsql.SharedBegins``), kept with its connections."""
-    begins = native.extra
-    if begins is None:
-        begins = native.extra = pgsql.SharedBegins(
-            functools.partial(_count_later, using),
-            lambda effect_id, count: _count_on_loop(native, {effect_id: (count, "")}),
-        )
-    return begins  # type: ignore[no-any-return]
-
-
-async def _count_on_loop(
-    native: _aio.LoopConnections, counts: Mapping[str, tuple[int, str]]
-) -> None:
-    async with native.connection("count replays") as conn:
-        await conn.execute(pgsql.COUNT_REPLAYS, pgsql.count_params(counts, "off"))
-
-
-_count_locks: dict[str, threading.Lock] = {}
-_counts_lock = threading.Lock()
-
-
-def _counts(using: str) -> tuple[pgsql.ReplayCounts, threading.Lock]:
-    counts = _replay_counts.get(using)
-    if counts is None:
-        with _counts_lock:
-            counts = _replay_counts.setdefault(using, pgsql.ReplayCounts())
-            _count_locks.setdefault(using, threading.Lock())
-    return counts, _count_locks[using]
-
-
-def _count_later(using: str, effect_id: str, idem_key: str) -> int:
-    """Hold the replay count of a finished effect (a timer has a store thread write it);
-    return the effect's count not written yet."""
-    counts, _ = _counts(using)
-    unwritten, schedule = counts.add(effect_id, idem_key)
-    if schedule:
-        timer = threading.Timer(
-            ledger_settings.REPLAY_COUNT_DELAY_SECONDS, _counts_due, args=(using,)
-        )
-        timer.daemon = True
-        timer.start()
-    return unwritten
-
-
-def _counts_due(using: str) -> None:
-    # RuntimeError: shutting down, and close_connections() writes them.
-    with contextlib.suppress(RuntimeError):
-        _get_executor().submit(functools.partial(_in_worker, _write_counts_quietly, using))
-
-
-def _write_counts_quietly(using: str) -> None:
-    try:
-        _write_counts(using)
-    except Exception:
-        # Kept, not lost: the next replay, read or close_connections() tries again.
-        logger.warning("agent_ledger: could not write replay counts yet", exc_info=True)
-
-
-def _write_counts_owed(
-    using: str, *, effect_id: str | None = None, idem_key: str | None = None
-) -> None:
-    """Before a read: write the counts this process still holds for the effect, so the read
-    is exact. Not inside the caller's transaction (it would take the write with it)."""
-    counts = _replay_counts.get(using)
-    owed = counts is not None and counts.owes(effect_id=effect_id, idem_key=idem_key)
-    if owed and _fast_path(using):
-        _write_counts(using)
-
-
-async def _write_counts_owed_async(
-    using: str,
-    native: _aio.LoopConnections,
-    *,
-    effect_id: str | None = None,
-    idem_key: str | None = None,
-) -> None:
-    """``_write_counts_owed`` on the loop: write what is pending here, and wait for a write a
-    store thread has under way (it holds counts this read must see)."""
-    counts = _replay_counts.get(using)
-    while counts is not None and counts.owes(effect_id=effect_id, idem_key=idem_key):
-        taken = counts.take()
-        if not taken:
-            await asyncio.sleep(0.002)  # a thread is writing them
-            continue
-        try:
-            await _count_on_loop(native, taken)
-        except BaseException:
-            counts.back(taken)
-            raise
-        counts.written(taken)
-
-
-def _write_counts(using: str) -> None:
-    counts, lock = _counts(using)
-    with lock:
-        taken = counts.take()
-        if not taken:
-            return
-        try:
-            with _store_errors("count replays"), _statement_cursor(using) as cursor:
-                cursor.execute(pgsql.COUNT_REPLAYS, pgsql.count_params(taken, "off"))
-        except BaseException:
-            counts.back(taken)
-            raise
-        counts.written(taken)
-
-
-def _write_all_counts_quietly() -> None:
-    for using, counts in list(_replay_counts.items()):
-        if counts:
-            try:
-                _write_counts(using)
-            except Exception:
-                logger.warning(
-                    "agent_ledger: could not write replay counts of %r yet", using, exc_info=True
-                )
-
-
-def _stop_listening() -> None:
-    with _listeners_lock:
-        listeners = list(_listeners.values())
-        _listeners.clear()
-    for listener in listeners:
-        listener.stop()
-
-
 def _user_id(actor: Actor) -> Any:
     """``actor.user_id`` as the user model's primary key, checked before anything is written."""
     if actor.user_id is None:
@@ -995,3 +540,61 @@ def _user_id(actor: Actor) -> Any:
         raise EffectLedgerValidationError(
             f"{actor.user_id!r} is not a valid user id", field="actor.user_id"
         ) from exc
+
+
+# -- PostgreSQL: single statements and LISTEN -----------------------------------------------------
+
+
+def _fast_path(using: str) -> bool:
+    """On PostgreSQL, outside the caller's transaction, ``begin`` and ``commit`` run
+    ``postgres.BEGIN`` / ``COMMIT``: one round trip each, where the ORM needs a transaction, a
+    savepoint and several statements. Inside an ``atomic()`` block the ORM path keeps the
+    caller's transaction semantics."""
+    conn = connections[using]
+    return conn.vendor == "postgresql" and not conn.in_atomic_block
+
+
+def _fetch(using: str, query: str, params: dict[str, Any], attempts: int = 1) -> Any:
+    """The statement's first row as a dict, through Django's cursor (its error classes,
+    ``execute_wrapper`` and query logging); run again while it returns none."""
+    with connections[using].cursor() as cursor:
+        for _ in range(attempts):
+            cursor.execute(query, params)
+            row = cursor.fetchone()
+            if row is not None:
+                return dict(zip([column.name for column in cursor.description], row, strict=True))
+    return None
+
+
+_listeners: dict[str, Listener] = {}
+
+
+def _listen(using: str) -> None:
+    """Hear other processes' commits on PostgreSQL (one LISTEN connection per alias)."""
+    listener = _listeners.get(using)
+    if listener is None:
+        conn = connections[using]
+        if conn.vendor != "postgresql":
+            return
+        with _threads_lock:
+            listener = _listeners.get(using)
+            if listener is None:
+                params = conn.get_connection_params()
+                params.pop("cursor_factory", None)
+                params.pop("pool", None)
+
+                def connect() -> psycopg.Connection[Any]:
+                    import psycopg
+
+                    return psycopg.connect(**{**params, "autocommit": True})
+
+                listener = _listeners[using] = Listener(connect, _notifier)
+    listener.start()
+
+
+def _stop_listening() -> None:
+    with _threads_lock:
+        listeners = list(_listeners.values())
+        _listeners.clear()
+    for listener in listeners:
+        listener.stop()

@@ -3,36 +3,42 @@
 It imports no Django, so an agent worker needs only ``psycopg`` and ``psycopg-pool``. Its tables
 are the ones the Django migrations create (``SCHEMA_SQL`` makes the same; a test compares the
 two catalogs), so workers on this store and the Django admin on ``DjangoStore`` share one ledger.
+``DjangoStore`` on PostgreSQL runs this module's ``BEGIN`` and ``COMMIT`` through Django's own
+cursor, so the two paths cannot drift apart.
 
-Every method is one atomic step. ``begin``, ``commit`` and ``claim`` are single statements whose
-change and history row are written together by a data-modifying CTE; ``transition`` locks the
-row, checks, changes and writes history in one short transaction.
+Every write is one atomic step that changes the effect, appends its history row and calls
+``pg_notify`` (delivered when the transaction commits, so other processes' waiters wake at
+once). ``begin``, ``commit`` and ``claim`` are single data-modifying CTEs: one round trip, in
+autocommit; ``transition`` locks, checks and changes in one short transaction.
+
+Replays are counted by the ``BEGIN`` that finds the key, before it returns: nothing is held in
+the process, so a killed worker loses no count. That write does not wait for the WAL flush
+(``synchronous_commit`` off for its own transaction), so a *database* crash can lose the counts
+of its last few hundred milliseconds, never an effect, an outcome or a history row.
 
 Clock: every timestamp is ``statement_timestamp()``, what Django's ``Now()`` and the column
-defaults use, and staleness is judged by the database clock too (see ``sql.CLAIM``), so
-the clocks of the (possibly many) workers do not matter.
+defaults use, and staleness is judged by the database clock too (see ``CLAIM``).
 
-Pool: give the pool ``check=AsyncConnectionPool.check_connection``; a connection the server
-dropped while idle is then replaced on checkout instead of failing the next call.
-
-Waiting: writes that someone may be waiting for call ``pg_notify`` (see ``_pgsql``); a
-``Listener`` thread hears them and wakes this process's waiters at once. Polling with backoff
-stays underneath as the fallback.
+Pool: the caller's ``AsyncConnectionPool``; give it ``check=AsyncConnectionPool.check_connection``
+so a connection the server dropped while idle is replaced on checkout. A connection whose
+statement failed for any reason but bad data is closed before it goes back, so the pool replaces
+it: a connection made during a read-only spell or a shutdown is never handed out again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
-from collections.abc import Collection, Coroutine, Mapping
-from datetime import timedelta
+from collections.abc import AsyncIterator, Collection, Coroutine, Mapping
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 
 from ..errors import (
     EffectLedgerError,
@@ -44,20 +50,22 @@ from ..types import (
     TERMINAL_STATUSES,
     Actor,
     CommitOutcome,
+    CommitSucceeded,
     Effect,
     EffectError,
     EffectStatus,
     Transition,
 )
-from . import _pgsql as sql
 from ._listen import Listener
-from .base import BeginRecord, ChangeNotifier, NewEffect, TransitionRecord, parse_uuid
+from .base import CHANNEL, BeginRecord, ChangeNotifier, NewEffect, TransitionRecord, parse_uuid
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
     from psycopg_pool import AsyncConnectionPool
 
 __all__ = ["SCHEMA_SQL", "PostgresStore"]
+
+logger = logging.getLogger("agent_ledger")
 
 _T = TypeVar("_T")
 
@@ -127,15 +135,246 @@ CREATE INDEX IF NOT EXISTS agent_ledger_trans_at
     ON agent_ledger_effecttransition (at DESC);
 """
 
+# -- the statements ------------------------------------------------------------------------------
+
+COLUMNS = (
+    "id, idem_key, workflow_id, call_id, tool, status, args_canonical, resource_id_canonical, "
+    "result, error, dedup_count, fence, created_at, updated_at, completed_at"
+)
+
+#: The history row of whatever ``{source}`` returned. Casts: a parameter in a SELECT list has no
+#: column to take its type from.
+_HISTORY = """
+INSERT INTO agent_ledger_effecttransition
+    (effect_id, from_status, to_status, at, actor_label, actor_user_id, actor_name, reason)
+SELECT id, {from_status}, status, {at}, %(actor_label)s::varchar, %(actor_user_id)s::integer,
+       %(actor_name)s::varchar, {reason}
+FROM {source}
+"""
+_NOTIFY = f"pg_notify('{CHANNEL}', id::text)::text"
+
+# Insert, or count a replay, in one statement. Under READ COMMITTED a row inserted by a
+# transaction that commits while this statement runs makes both branches come back empty (the
+# INSERT finds the key, the UPDATE's snapshot does not show the row): it is then run again.
+BEGIN = f"""
+WITH ins AS (
+    INSERT INTO agent_ledger_effect
+        (id, idem_key, workflow_id, call_id, tool, status, args_canonical,
+         resource_id_canonical, dedup_count, fence, created_at, updated_at)
+    VALUES (%(id)s, %(idem_key)s, %(workflow_id)s, %(call_id)s, %(tool)s, %(status)s,
+            %(args_canonical)s, %(resource_id_canonical)s, 0, 1,
+            statement_timestamp(), statement_timestamp())
+    ON CONFLICT (idem_key) DO NOTHING
+    RETURNING {COLUMNS}
+), hist AS (
+    {_HISTORY.format(from_status="NULL", at="created_at", reason="NULL", source="ins")}
+), replay AS (
+    UPDATE agent_ledger_effect SET dedup_count = dedup_count + 1
+    WHERE idem_key = %(idem_key)s AND NOT EXISTS (SELECT 1 FROM ins)
+    RETURNING {COLUMNS}
+)
+SELECT true AS created, {COLUMNS}, {_NOTIFY} AS side FROM ins
+UNION ALL
+SELECT false, {COLUMNS}, set_config('synchronous_commit', 'off', true) FROM replay
+"""
+
+#: How often ``BEGIN`` is run again when both branches came back empty (see above); each run
+#: has a newer snapshot, so more than one retry is rare.
+BEGIN_ATTEMPTS = 10
+
+# No lock needed: the UPDATE's conditions (still processing, fence unchanged) are re-checked on
+# the newest row version if it waits for another writer, so a commit that lost its effect to a
+# takeover or a cancel changes nothing.
+COMMIT = f"""
+WITH upd AS (
+    UPDATE agent_ledger_effect
+    SET status = %(status)s, result = %(result)s::jsonb, error = %(error)s::jsonb,
+        updated_at = statement_timestamp(), completed_at = statement_timestamp()
+    WHERE id = %(id)s AND status = 'processing'
+      AND (%(fence)s::integer IS NULL OR fence = %(fence)s::integer)
+    RETURNING {COLUMNS}
+), hist AS (
+    {_HISTORY.format(from_status="'processing'", at="updated_at", reason="NULL", source="upd")}
+)
+SELECT {COLUMNS}, {_NOTIFY} AS side FROM upd
+"""
+
+# The claim rule of ``base.claimable`` by the database clock: ready, or processing and idle for
+# at least the stale threshold (NULL: takeover disabled), judged as of when ``claim`` was called:
+# ``now()`` less the time the call waited for a connection (a duration, so the worker's clock is
+# never compared with the database's). A claimer that queued behind the winner, for a connection
+# or the row lock, then sees the winner's fresh ``updated_at`` and loses, instead of finding the
+# new owner stale in turn. The row lock (``cur``) makes one of several claimers the owner.
+CLAIM = f"""
+WITH cur AS (
+    SELECT id, status FROM agent_ledger_effect WHERE id = %(id)s FOR UPDATE
+), upd AS (
+    UPDATE agent_ledger_effect AS e
+    SET status = 'processing', fence = e.fence + 1, updated_at = statement_timestamp()
+    FROM cur
+    WHERE e.id = cur.id
+      AND (e.status = 'ready'
+           OR (e.status = 'processing' AND %(stale)s::interval IS NOT NULL
+               AND e.updated_at <= now() - %(waited)s::interval - %(stale)s::interval))
+    RETURNING {", ".join(f"e.{column}" for column in COLUMNS.split(", "))},
+              cur.status AS from_status
+), hist AS (
+    {
+    _HISTORY.format(
+        from_status="from_status",
+        at="updated_at",
+        reason="CASE WHEN from_status = 'processing' THEN 'stale takeover' END",
+        source="upd",
+    )
+}
+)
+SELECT {COLUMNS}, {_NOTIFY} AS side FROM upd
+"""
+
+LOCK_BY_KEY = f"SELECT {COLUMNS} FROM agent_ledger_effect WHERE idem_key = %s FOR UPDATE"
+
+TRANSITION = f"""
+WITH upd AS (
+    UPDATE agent_ledger_effect
+    SET status = %(to_status)s, updated_at = statement_timestamp(),
+        error = coalesce(%(error)s::jsonb, error),
+        completed_at = CASE WHEN %(terminal)s THEN statement_timestamp() END
+    WHERE id = %(id)s
+    RETURNING {COLUMNS}
+), hist AS (
+    {
+    _HISTORY.format(
+        from_status="%(from_status)s::varchar",
+        at="updated_at",
+        reason="%(reason)s::text",
+        source="upd",
+    )
+}
+)
+SELECT {COLUMNS}, {_NOTIFY} AS side FROM upd
+"""
+
+GET = f"SELECT {COLUMNS} FROM agent_ledger_effect WHERE id = %s"
+GET_BY_KEY = f"SELECT {COLUMNS} FROM agent_ledger_effect WHERE idem_key = %s"
+HISTORY_OF = """
+SELECT effect_id, from_status, to_status, at, actor_label, actor_user_id, actor_name, reason
+FROM agent_ledger_effecttransition WHERE effect_id = %s ORDER BY at, id
+"""
+
 #: Longer thresholds would overflow the timestamp arithmetic; nothing idles a century anyway.
 _MAX_STALE = timedelta(days=36_500)
 _INT4_MAX = 2**31 - 1
+
+
+# -- parameters and rows -------------------------------------------------------------------------
+
+
+def begin_params(new: NewEffect, actor: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "id": uuid.UUID(new.id),
+        "idem_key": new.idem_key,
+        "workflow_id": new.workflow_id,
+        "call_id": new.call_id,
+        "tool": new.tool,
+        "status": EffectStatus(new.status).value,
+        "args_canonical": new.args_canonical,
+        "resource_id_canonical": new.resource_id_canonical,
+        **actor,
+    }
+
+
+def commit_params(
+    pk: uuid.UUID, outcome: CommitOutcome, fence: int | None, actor: Mapping[str, Any]
+) -> dict[str, Any]:
+    """JSON goes as text with a ``::jsonb`` cast: the same on psycopg's and Django's cursors."""
+    if isinstance(outcome, CommitSucceeded):
+        # None is SQL NULL (as Django's JSONField stores it), not a JSON null.
+        result = None if outcome.result is None else json.dumps(outcome.result)
+        status, error = EffectStatus.SUCCEEDED, None
+    else:
+        status, result, error = EffectStatus.FAILED, None, json.dumps(outcome.error.to_dict())
+    return {
+        "id": pk,
+        "status": status.value,
+        "result": result,
+        "error": error,
+        "fence": fence,
+        **actor,
+    }
+
+
+def claim_params(
+    pk: uuid.UUID, stale_after_ms: float, waited_s: float, actor: Mapping[str, Any]
+) -> dict[str, Any]:
+    stale = None
+    if stale_after_ms > 0:
+        stale = min(timedelta(milliseconds=min(stale_after_ms, 1e15)), _MAX_STALE)
+    return {"id": pk, "stale": stale, "waited": timedelta(seconds=max(0.0, waited_s)), **actor}
+
+
+def actor_params(actor: Actor, user_id: Any) -> dict[str, Any]:
+    return {"actor_label": actor.label, "actor_user_id": user_id, "actor_name": actor.name or ""}
+
+
+def vanished(idem_key: str) -> EffectStoreError:
+    """For a ``BEGIN`` that answered nothing ``BEGIN_ATTEMPTS`` times (see ``BEGIN``)."""
+    return EffectStoreError(
+        f"key {idem_key} was neither inserted nor found after {BEGIN_ATTEMPTS} attempts",
+        operation="begin",
+    )
+
+
+def effect_from_row(row: Mapping[str, Any], *, json_as_text: bool = False) -> Effect:
+    """An ``Effect`` from a row of ``COLUMNS``. ``json_as_text``: the connection hands jsonb
+    over unparsed (Django's do: its JSONField parses it), so parse ``result`` and ``error``."""
+    completed_at = row["completed_at"]
+    result, error = row["result"], row["error"]
+    if json_as_text:
+        result = None if result is None else json.loads(result)
+        error = None if error is None else json.loads(error)
+    return Effect(
+        id=str(row["id"]),
+        idem_key=row["idem_key"],
+        workflow_id=row["workflow_id"],
+        call_id=row["call_id"],
+        tool=row["tool"],
+        status=EffectStatus(row["status"]),
+        args_canonical=row["args_canonical"],
+        resource_id_canonical=row["resource_id_canonical"],
+        dedup_count=row["dedup_count"],
+        created_at=utc(row["created_at"]),
+        updated_at=utc(row["updated_at"]),
+        result=result,
+        error=EffectError.from_dict(error),
+        completed_at=None if completed_at is None else utc(completed_at),
+        fence=row["fence"],
+    )
+
+
+def transition_from_row(row: Mapping[str, Any]) -> Transition:
+    return Transition(
+        effect_id=str(row["effect_id"]),
+        from_status=EffectStatus(row["from_status"]) if row["from_status"] else None,
+        to_status=EffectStatus(row["to_status"]),
+        at=utc(row["at"]),
+        actor=Actor(row["actor_label"], row["actor_user_id"], row["actor_name"]),
+        reason=row["reason"],
+    )
+
+
+def utc(value: datetime) -> datetime:
+    """In UTC whatever the session's TimeZone, like the other stores' timestamps."""
+    return value.astimezone(timezone.utc)
+
+
+# -- the store -----------------------------------------------------------------------------------
 
 #: What the driver and the pool raise when the database fails, refuses or cannot be reached
 #: (``PoolTimeout`` is a ``psycopg.OperationalError``; ``OSError`` covers sockets below it).
 _DRIVER_ERRORS = (psycopg.Error, OSError)
 
-logger = logging.getLogger("agent_ledger")
+#: Failures that say nothing about the connection (the statement's data was refused).
+_DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
 
 
 class PostgresStore:
@@ -146,42 +385,10 @@ class PostgresStore:
     pool's loop, which must keep running meanwhile (awaiting, not blocked in a sync call).
     """
 
-    def __init__(
-        self,
-        *,
-        pool: AsyncConnectionPool,
-        listen: bool = True,
-        replay_commit: str = "off",
-        replay_count_delay_s: float = sql.REPLAY_COUNT_DELAY_S,
-    ) -> None:
-        """``listen``: wake waiters through LISTEN/NOTIFY (one extra connection per store) rather
-        than by polling alone. ``replay_commit``: ``synchronous_commit`` for transactions that
-        only count replays ("off": a database crash may lose the latest counts; "on": it may
-        not). ``replay_count_delay_s``: how long replays of finished effects are counted in the
-        process before one statement writes them (0: each replay writes its own count, so a
-        worker crash loses none). Call ``aclose()`` (or ``close()``) before closing the pool, so
-        that the last counts are written."""
-        if replay_commit not in ("on", "off", "local", "remote_write", "remote_apply"):
-            raise EffectLedgerValidationError(
-                "must be a synchronous_commit value", field="replay_commit"
-            )
-        if (
-            isinstance(replay_count_delay_s, bool)
-            or not isinstance(replay_count_delay_s, (int, float))
-            or not 0 <= replay_count_delay_s <= 60
-        ):
-            raise EffectLedgerValidationError(
-                "must be a number of seconds from 0 to 60", field="replay_count_delay_s"
-            )
+    def __init__(self, *, pool: AsyncConnectionPool, listen: bool = True) -> None:
+        """``listen``: wake waiters through LISTEN/NOTIFY (one extra connection per store)
+        rather than by polling alone."""
         self._pool = pool
-        self._replay_commit = replay_commit
-        self._count_delay_s = float(replay_count_delay_s)
-        self._counts = sql.ReplayCounts()
-        self._count_lock: asyncio.Lock | None = None
-        self._count_timer: asyncio.TimerHandle | None = None
-        self._count_tasks: set[asyncio.Task[None]] = set()
-        self._begins = sql.SharedBegins(self._count_later, self._count_now)
-        self._owned = sql.OwnedEffects()
         self._notifier = ChangeNotifier()
         self._listener = Listener(self._listen_connection, self._notifier) if listen else None
         # The loop the pool lives on: its locks and workers belong to it. Known here when the
@@ -191,15 +398,39 @@ class PostgresStore:
     def __repr__(self) -> str:
         return f"PostgresStore(pool={self._pool.name!r})"
 
-    # -- the protocol: each runs its implementation on the pool's event loop ------------------
-
     async def begin(self, new: NewEffect) -> BeginRecord:
-        return await self._on_pool_loop(self._begin(new))
+        params = begin_params(new, _actor_params(new.actor))
+        row = await self._fetch("begin", BEGIN, params, attempts=BEGIN_ATTEMPTS)
+        if row is None:
+            raise vanished(new.idem_key)
+        effect = effect_from_row(row)
+        if row["created"]:
+            self._notifier.notify(effect.id, effect)
+        return BeginRecord(effect, created=row["created"])
 
     async def commit(
         self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
     ) -> Effect | None:
-        return await self._on_pool_loop(self._commit(effect_id, outcome, fence=fence, actor=actor))
+        pk = parse_uuid(effect_id)
+        if pk is None:
+            return None
+        params = commit_params(pk, outcome, fence, _actor_params(actor))
+        return await self._changed(await self._fetch("commit", COMMIT, params))
+
+    async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
+        pk = parse_uuid(effect_id)
+        if pk is None:
+            return None
+        requested = time.monotonic()
+        actor_columns = _actor_params(actor)
+
+        async def step() -> dict[str, Any] | None:
+            async with self._connection("claim") as conn:
+                waited = time.monotonic() - requested
+                params = claim_params(pk, stale_after_ms, waited, actor_columns)
+                return await _fetchone(conn, CLAIM, params)
+
+        return await self._changed(await self._on_pool_loop(step()))
 
     async def transition(
         self,
@@ -211,31 +442,135 @@ class PostgresStore:
         reason: str | None = None,
         error: EffectError | None = None,
     ) -> TransitionRecord:
-        return await self._on_pool_loop(
-            self._transition(
-                idem_key,
-                from_statuses=from_statuses,
-                to_status=to_status,
-                actor=actor,
-                reason=reason,
-                error=error,
-            )
-        )
+        allowed = {EffectStatus(status) for status in from_statuses}
+        to_status = EffectStatus(to_status)
+        actor_columns = _actor_params(actor)
 
-    async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
-        requested = time.monotonic()
-        return await self._on_pool_loop(
-            self._claim(effect_id, stale_after_ms=stale_after_ms, actor=actor, requested=requested)
-        )
+        async def step() -> TransitionRecord:
+            async with self._connection("transition") as conn, conn.transaction():
+                # Lock the row for the whole check-then-write: without it, approve and deny
+                # racing could both read requires_approval and both write a decision.
+                row = await _fetchone(conn, LOCK_BY_KEY, (idem_key,))
+                if row is None:
+                    raise EffectNotFoundError(idem_key)
+                current = effect_from_row(row)
+                if current.status not in allowed:
+                    return TransitionRecord(current, changed=False)
+                params = {
+                    "id": uuid.UUID(current.id),
+                    "to_status": to_status.value,
+                    "error": None if error is None else json.dumps(error.to_dict()),
+                    "terminal": to_status in TERMINAL_STATUSES,
+                    "from_status": current.status.value,
+                    "reason": reason,
+                    **actor_columns,
+                }
+                row = await _fetchone(conn, TRANSITION, params)
+            if row is None:  # pragma: no cover - the row is locked and was just read
+                raise EffectStoreError("locked row vanished", operation="transition")
+            return TransitionRecord(effect_from_row(row), changed=True)
+
+        record = await self._on_pool_loop(step())
+        if record.changed:
+            self._notifier.notify(record.effect.id, record.effect)
+        return record
 
     async def get(self, effect_id: str) -> Effect | None:
-        return await self._on_pool_loop(self._get(effect_id))
+        pk = parse_uuid(effect_id)
+        if pk is None:
+            return None
+        row = await self._fetch("get", GET, (pk,))
+        return None if row is None else effect_from_row(row)
 
     async def get_by_idem_key(self, idem_key: str) -> Effect | None:
-        return await self._on_pool_loop(self._get_by_idem_key(idem_key))
+        row = await self._fetch("get_by_idem_key", GET_BY_KEY, (idem_key,))
+        return None if row is None else effect_from_row(row)
 
     async def history(self, effect_id: str) -> list[Transition]:
-        return await self._on_pool_loop(self._history(effect_id))
+        pk = parse_uuid(effect_id)
+        if pk is None:
+            return []
+
+        async def step() -> list[dict[str, Any]]:
+            async with self._connection("history") as conn:
+                cursor = conn.cursor(row_factory=dict_row)
+                await cursor.execute(HISTORY_OF, (pk,))
+                return await cursor.fetchall()
+
+        return [transition_from_row(row) for row in await self._on_pool_loop(step())]
+
+    async def wait_for_change(
+        self, effect_id: str, timeout_s: float, since: float
+    ) -> Effect | None:
+        if self._listener is not None:
+            self._listener.start()
+        return await self._notifier.wait(effect_id, timeout_s, since)
+
+    async def aclose(self) -> None:
+        """Stop listening (the pool is the caller's to close, after this)."""
+        self.close()
+
+    def close(self) -> None:
+        if self._listener is not None:
+            self._listener.stop()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    async def _fetch(
+        self,
+        operation: str,
+        query: str,
+        params: Mapping[str, Any] | tuple[Any, ...],
+        attempts: int = 1,
+    ) -> dict[str, Any] | None:
+        """One statement's first row; ``attempts``: run it again while it returns none."""
+
+        async def step() -> dict[str, Any] | None:
+            row = None
+            async with self._connection(operation) as conn:
+                for _ in range(attempts):
+                    if (row := await _fetchone(conn, query, params)) is not None:
+                        break
+            return row
+
+        return await self._on_pool_loop(step())
+
+    async def _changed(self, row: dict[str, Any] | None) -> Effect | None:
+        """Wake this process's waiters with the new state at once (other processes hear the
+        statement's NOTIFY)."""
+        if row is None:
+            return None
+        effect = effect_from_row(row)
+        self._notifier.notify(effect.id, effect)
+        return effect
+
+    @asynccontextmanager
+    async def _connection(self, operation: str) -> AsyncIterator[AsyncConnection[Any]]:
+        """A pooled connection in autocommit mode; the driver's failures become
+        ``EffectStoreError``.
+
+        Autocommit: a single-statement step commits on the server as it runs, instead of
+        holding its row locks while a separate COMMIT travels. The pool's own setting is put
+        back afterwards. A connection whose step failed (but for bad data) is closed, so the
+        pool replaces it instead of handing out a connection that is broken, read-only, or
+        from a server that was shutting down.
+        """
+        try:
+            async with self._pool.connection() as conn:
+                restore = not conn.autocommit
+                if restore:
+                    await conn.set_autocommit(True)
+                try:
+                    yield conn
+                except BaseException as exc:
+                    if not isinstance(exc, (*_DATA_ERRORS, EffectLedgerError)):
+                        await conn.close()
+                    raise
+                finally:
+                    if restore and not conn.closed:
+                        await conn.set_autocommit(False)
+        except _DRIVER_ERRORS as exc:
+            raise EffectStoreError(f"{type(exc).__name__}: {exc}", operation=operation) from exc
 
     async def _on_pool_loop(self, step: Coroutine[Any, Any, _T]) -> _T:
         """Await ``step`` here, or on the pool's loop when called from another thread's loop.
@@ -258,188 +593,6 @@ class PostgresStore:
             )
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(step, home))
 
-    # -- writes --------------------------------------------------------------------------------
-
-    async def _begin(self, new: NewEffect) -> BeginRecord:
-        return await self._begins.begin(new.idem_key, lambda: self._begin_statement(new))
-
-    async def _begin_statement(self, new: NewEffect) -> BeginRecord:
-        params = {
-            "id": uuid.UUID(new.id),
-            "idem_key": new.idem_key,
-            "workflow_id": new.workflow_id,
-            "call_id": new.call_id,
-            "tool": new.tool,
-            "status": EffectStatus(new.status).value,
-            "args_canonical": new.args_canonical,
-            "resource_id_canonical": new.resource_id_canonical,
-            "from_status": None,
-            "reason": None,
-            "replay_commit": self._replay_commit,
-            "defer_count": self._count_delay_s > 0,
-            **_actor_params(new.actor),
-        }
-        async with self._connection("begin") as conn:
-            row = await sql.begin_row(lambda: _fetchone(conn, sql.BEGIN, params), new.idem_key)
-        if row["created"]:
-            effect = sql.effect_created(new, row)
-            self._owned.add(effect)
-            self._changed(effect)
-            return BeginRecord(effect, created=True)
-        unwritten = 0 if row["counted"] else self._count_later(str(row["id"]), row["idem_key"])
-        return BeginRecord(sql.effect_from_row(row, unwritten_replays=unwritten), created=False)
-
-    async def _commit(
-        self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
-    ) -> Effect | None:
-        pk = parse_uuid(effect_id)
-        if pk is None:
-            return None
-        owned = self._owned.pop(effect_id)
-        query, params = sql.commit_statement(
-            pk, outcome, fence, _actor_params(actor), brief=owned is not None
-        )
-        async with self._connection("commit") as conn:
-            row = await _fetchone(conn, query, params)
-        if row is None:
-            return None
-        if owned is not None:
-            effect = sql.effect_committed(owned, outcome, row)
-        else:
-            effect = sql.effect_from_row(row)
-        self._changed(effect)
-        return effect
-
-    async def _transition(
-        self,
-        idem_key: str,
-        *,
-        from_statuses: Collection[EffectStatus],
-        to_status: EffectStatus,
-        actor: Actor,
-        reason: str | None = None,
-        error: EffectError | None = None,
-    ) -> TransitionRecord:
-        allowed = {EffectStatus(status) for status in from_statuses}
-        to_status = EffectStatus(to_status)
-        actor_params = _actor_params(actor)
-        async with self._connection("transition") as conn, conn.transaction():
-            # Lock the row for the whole check-then-write: without it, approve and deny racing
-            # could both read requires_approval and both write a decision.
-            row = await _fetchone(conn, sql.LOCK_BY_KEY, (idem_key,))
-            if row is None:
-                raise EffectNotFoundError(idem_key)
-            current = sql.effect_from_row(row)
-            if current.status not in allowed:
-                return TransitionRecord(current, changed=False)
-            row = await _fetchone(
-                conn,
-                sql.TRANSITION,
-                {
-                    "id": uuid.UUID(current.id),
-                    "to_status": to_status.value,
-                    "error": None if error is None else Jsonb(error.to_dict()),
-                    "terminal": to_status in TERMINAL_STATUSES,
-                    "from_status": current.status.value,
-                    "reason": reason,
-                    **actor_params,
-                },
-            )
-        if row is None:  # pragma: no cover - the row is locked and was just read
-            raise EffectStoreError("locked row vanished", operation="transition")
-        effect = sql.effect_from_row(row)
-        self._changed(effect)
-        return TransitionRecord(effect, changed=True)
-
-    async def _claim(
-        self, effect_id: str, *, stale_after_ms: float, actor: Actor, requested: float
-    ) -> Effect | None:
-        pk = parse_uuid(effect_id)
-        if pk is None:
-            return None
-        stale = None
-        if stale_after_ms > 0:
-            stale = min(timedelta(milliseconds=min(stale_after_ms, 1e15)), _MAX_STALE)
-        params = {"id": pk, "stale": stale, **_actor_params(actor)}
-        async with self._connection("claim") as conn:
-            # One statement. Its row lock (``cur``) makes one of several claimers the owner;
-            # the others wait, then see the raised fence and fresh updated_at. It also pins the
-            # status the history row says was left.
-            params["waited"] = timedelta(seconds=max(0.0, time.monotonic() - requested))
-            row = await _fetchone(conn, sql.CLAIM, params)
-        if row is None:
-            return None
-        effect = sql.effect_from_row(row)
-        self._owned.add(effect)
-        self._changed(effect)
-        return effect
-
-    # -- reads ---------------------------------------------------------------------------------
-
-    async def _get(self, effect_id: str) -> Effect | None:
-        pk = parse_uuid(effect_id)
-        if pk is None:
-            return None
-        if self._counts.owes(effect_id=effect_id):
-            await self._write_counts()
-        async with self._connection("get") as conn:
-            row = await _fetchone(conn, sql.GET, (pk,))
-        return None if row is None else sql.effect_from_row(row)
-
-    async def _get_by_idem_key(self, idem_key: str) -> Effect | None:
-        if self._counts.owes(idem_key=idem_key):
-            await self._write_counts()
-        async with self._connection("get_by_idem_key") as conn:
-            row = await _fetchone(conn, sql.GET_BY_KEY, (idem_key,))
-        return None if row is None else sql.effect_from_row(row)
-
-    async def _history(self, effect_id: str) -> list[Transition]:
-        pk = parse_uuid(effect_id)
-        if pk is None:
-            return []
-        async with self._connection("history") as conn:
-            cursor = conn.cursor(row_factory=dict_row)
-            await cursor.execute(sql.HISTORY_OF, (pk,))
-            rows = await cursor.fetchall()
-        return [
-            Transition(
-                effect_id=str(row["effect_id"]),
-                from_status=EffectStatus(row["from_status"]) if row["from_status"] else None,
-                to_status=EffectStatus(row["to_status"]),
-                at=sql.utc(row["at"]),
-                actor=Actor(row["actor_label"], row["actor_user_id"], row["actor_name"]),
-                reason=row["reason"],
-            )
-            for row in rows
-        ]
-
-    # -- plumbing ------------------------------------------------------------------------------
-
-    def _connection(self, operation: str) -> _Borrowed:
-        """A pooled connection in autocommit mode; the driver's and the pool's failures become
-        ``EffectStoreError``.
-
-        Autocommit: each single-statement step commits on the server as it runs, instead of
-        holding its row locks while the result travels back and a separate COMMIT follows (on
-        a hot key every replay's ``dedup_count`` update queues behind that). Multi-statement
-        steps open ``conn.transaction()``. The pool's own setting is put back afterwards; a
-        connection that cannot be put back (broken, cancelled mid-query) is closed, and the
-        pool then replaces it rather than hand it out half-used.
-        """
-        return _Borrowed(self._pool, operation)
-
-    def _changed(self, effect: Effect) -> None:
-        """A write committed: wake this process's waiters with the new state, without waiting
-        for the notification's round trip through the server (other processes get that)."""
-        self._notifier.notify(effect.id, effect)
-
-    async def wait_for_change(
-        self, effect_id: str, timeout_s: float, since: float
-    ) -> Effect | None:
-        if self._listener is not None:
-            self._listener.start()
-        return await self._notifier.wait(effect_id, timeout_s, since)
-
     def _listen_connection(self) -> psycopg.Connection[Any]:
         conninfo, kwargs = self._pool.conninfo, self._pool.kwargs or {}
         if not isinstance(conninfo, str) or not isinstance(kwargs, dict):
@@ -447,145 +600,6 @@ class PostgresStore:
             raise EffectStoreError("the pool's conninfo is dynamic; waiting by polling only")
         kwargs = {key: value for key, value in kwargs.items() if key != "autocommit"}
         return psycopg.connect(conninfo, autocommit=True, **kwargs)
-
-    # -- replay counts of finished effects (see ``_pgsql``) -------------------------------------
-
-    def _count_later(self, effect_id: str, idem_key: str) -> int:
-        """Hold a replay's count for the next write; return the effect's unwritten count."""
-        unwritten, schedule = self._counts.add(effect_id, idem_key)
-        if schedule:
-            self._count_timer = asyncio.get_running_loop().call_later(
-                self._count_delay_s, self._counts_due
-            )
-        return unwritten
-
-    async def _count_now(self, effect_id: str, count: int) -> None:
-        params = sql.count_params({effect_id: (count, "")}, self._replay_commit)
-        async with self._connection("count replays") as conn:
-            await conn.execute(sql.COUNT_REPLAYS, params)
-
-    def _counts_due(self) -> None:
-        self._count_timer = None
-        task = asyncio.get_running_loop().create_task(self._write_counts_in_background())
-        self._count_tasks.add(task)
-        task.add_done_callback(self._count_tasks.discard)
-
-    async def _write_counts_in_background(self) -> None:
-        try:
-            await self._write_counts()
-        except Exception:
-            # Kept, not lost: the next replay, read or close tries again.
-            logger.warning("agent_ledger: could not write replay counts yet", exc_info=True)
-            if self._counts and self._count_timer is None:
-                self._count_timer = asyncio.get_running_loop().call_later(1.0, self._counts_due)
-
-    async def _write_counts(self) -> None:
-        """Write every count this process holds; a read that needs them waits here too."""
-        if self._count_lock is None:
-            self._count_lock = asyncio.Lock()
-        async with self._count_lock:
-            taken = self._counts.take()
-            if not taken:
-                return
-            try:
-                async with self._connection("count replays") as conn:
-                    await conn.execute(
-                        sql.COUNT_REPLAYS, sql.count_params(taken, self._replay_commit)
-                    )
-            except BaseException:
-                self._counts.back(taken)
-                raise
-            self._counts.written(taken)
-
-    async def aclose(self) -> None:
-        """Write the replay counts still held and stop listening (the pool is the caller's to
-        close, after this)."""
-        try:
-            await self._on_pool_loop(self._write_counts())
-        finally:
-            self._stop()
-
-    def close(self) -> None:
-        """Like ``aclose`` for callers without a running loop (at exit, say): the counts still
-        held are written over a connection of their own."""
-        try:
-            taken = self._counts.take()
-            if taken:
-                try:
-                    with self._listen_connection() as conn:
-                        conn.execute(
-                            sql.COUNT_REPLAYS, sql.count_params(taken, self._replay_commit)
-                        )
-                except BaseException as exc:
-                    self._counts.back(taken)
-                    if isinstance(exc, _DRIVER_ERRORS):
-                        raise EffectStoreError(
-                            f"{type(exc).__name__}: {exc}", operation="count replays"
-                        ) from exc
-                    raise
-                self._counts.written(taken)
-        finally:
-            self._stop()
-
-    def _stop(self) -> None:
-        if self._count_timer is not None:
-            self._count_timer.cancel()
-            self._count_timer = None
-        if self._listener is not None:
-            self._listener.stop()
-
-
-class _Borrowed:
-    """``getconn``/``putconn`` around one step: what ``pool.connection()`` does, without its
-    two generator-based context managers and its per-use statistics, on every call's path."""
-
-    __slots__ = ("_conn", "_operation", "_pool", "_restore")
-
-    def __init__(self, pool: AsyncConnectionPool, operation: str) -> None:
-        self._pool = pool
-        self._operation = operation
-        self._conn: AsyncConnection[Any] | None = None
-        self._restore = False
-
-    async def __aenter__(self) -> AsyncConnection[Any]:
-        try:
-            conn = self._conn = await self._pool.getconn()
-            if not conn.autocommit:
-                self._restore = True
-                await conn.set_autocommit(True)
-        except BaseException as exc:
-            await self._give_back()
-            raise self._translated(exc) from exc
-        return conn
-
-    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        try:
-            await self._give_back()
-        except BaseException as failure:
-            if exc is None:
-                raise self._translated(failure) from failure
-        if exc is not None:
-            translated = self._translated(exc)
-            if translated is not exc:
-                raise translated from exc
-
-    async def _give_back(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            if self._restore and not conn.closed:
-                try:
-                    await conn.set_autocommit(False)
-                except psycopg.Error:
-                    await conn.close()
-        finally:
-            await self._pool.putconn(conn)
-
-    def _translated(self, exc: BaseException) -> BaseException:
-        if isinstance(exc, _DRIVER_ERRORS) and not isinstance(exc, EffectLedgerError):
-            return EffectStoreError(f"{type(exc).__name__}: {exc}", operation=self._operation)
-        return exc
 
 
 async def _fetchone(
@@ -617,4 +631,4 @@ def _actor_params(actor: Actor) -> dict[str, Any]:
             raise EffectLedgerValidationError(
                 f"{actor.user_id!r} is out of range for a user id", field="actor.user_id"
             )
-    return {"actor_label": actor.label, "actor_user_id": user_id, "actor_name": actor.name or ""}
+    return actor_params(actor, user_id)
