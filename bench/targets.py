@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -177,11 +176,6 @@ class OursPostgresTarget(_OursTarget):
         self._store = self._module.PostgresStore(pool=self._pool)
         self._ledger = EffectLedger(EffectLedgerOptions(store=self._store))
 
-    async def finish_writes(self) -> None:
-        # The replay counts of finished effects, which the store writes in batches.
-        if self._store is not None:
-            await self._store.aclose()
-
     async def close(self) -> None:
         # Whatever the store started beside the pool (a LISTEN connection, say) goes too.
         closer = getattr(self._store, "aclose", None) or getattr(self._store, "close", None)
@@ -213,13 +207,6 @@ class OursDjangoTarget(_OursTarget):
         await self._reset_pool(port, prefill=True)
         self._ledger = EffectLedger(EffectLedgerOptions(store=self._store_class()))
 
-    async def finish_writes(self) -> None:
-        # The replay counts of finished effects, which the store writes in batches;
-        # close_connections() writes them (and closes connections the next call reopens).
-        from agent_ledger.stores import django as django_store
-
-        await asyncio.to_thread(django_store.close_connections)
-
     async def close(self) -> None:
         await self._reset_pool(None, prefill=False)
         self._ledger = None
@@ -233,13 +220,7 @@ class OursDjangoTarget(_OursTarget):
         def reset() -> None:
             from agent_ledger.stores import django as django_store
 
-            # The store's own way to drop every connection it holds (threads, LISTEN), when it
-            # has one; else close them thread by thread.
-            close_connections = getattr(django_store, "close_connections", None)
-            if close_connections is not None:
-                close_connections()
-            else:
-                _close_in_store_threads()
+            django_store.close_connections()  # its threads' connections and LISTEN
             wrapper = connections["default"]
             if self._settings_port is None:
                 self._settings_port = wrapper.settings_dict["PORT"]
@@ -261,33 +242,6 @@ class OursDjangoTarget(_OursTarget):
         await asyncio.to_thread(reset)
         if prefill:
             await asyncio.to_thread(fill)
-
-
-def _close_in_store_threads() -> None:
-    """Run ``connections.close_all()`` once on each of DjangoStore's worker threads.
-
-    Django connections belong to the thread that opened them, so each thread must close its
-    own: every task waits on a barrier until all have started, which puts one on each thread.
-    (``_get_executor`` is private to the store; the bench leans on it, and does without it if it
-    goes: with Django's pool, the default, the store's threads hold no connection between calls.)
-    """
-    from django.db import connections
-
-    from agent_ledger.stores import django as django_store
-
-    get_executor = getattr(django_store, "_get_executor", None)
-    if get_executor is None:
-        return
-    executor = get_executor()
-    workers = executor._max_workers
-    barrier = threading.Barrier(workers)
-
-    def close() -> None:
-        connections.close_all()
-        barrier.wait(timeout=30)
-
-    for future in [executor.submit(close) for _ in range(workers)]:
-        future.result()
 
 
 def _server_host() -> str:

@@ -18,6 +18,46 @@ from agent_ledger.stores.base import EffectStore
 
 STORES = ["memory", "django", "postgres"]
 
+#: Modules whose tests do not depend on ``DATABASE_URL`` (pure Python, or their own PostgreSQL
+#: at ``TEST_POSTGRES_URL``, or a subprocess with its own settings). ``scripts/test.sh`` runs the
+#: suite once per database; the second pass sets ``AGENT_LEDGER_TEST_PASS=again`` and leaves
+#: these, and the contract tests of the stores that are not Django's, to the first.
+DATABASE_INDEPENDENT = frozenset(
+    {
+        "test_bench_smoke",
+        "test_example_project",
+        "test_faults",
+        "test_keys",
+        "test_memory_store",
+        "test_multiprocess",
+        "test_notifier",
+        "test_postgres_store",
+        "test_schema_parity",
+        "test_spec_examples",
+        "test_types",
+    }
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if os.environ.get("AGENT_LEDGER_TEST_PASS") != "again":
+        return
+    keep: list[pytest.Item] = []
+    again: list[pytest.Item] = []
+    for item in items:
+        (again if _database_independent(item) else keep).append(item)
+    if again:
+        config.hook.pytest_deselected(items=again)
+        items[:] = keep
+
+
+def _database_independent(item: pytest.Item) -> bool:
+    module = getattr(item, "module", None)
+    if module is not None and module.__name__.rsplit(".", 1)[-1] in DATABASE_INDEPENDENT:
+        return True
+    callspec = getattr(item, "callspec", None)
+    return callspec is not None and callspec.params.get("store") in ("memory", "postgres")
+
 #: The PostgreSQL the PostgresStore tests use, whatever DATABASE_URL the Django side uses.
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 

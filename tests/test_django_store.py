@@ -38,6 +38,7 @@ from agent_ledger import (
 from agent_ledger.ledger import decision_request
 from agent_ledger.models import Effect as EffectRow
 from agent_ledger.models import EffectTransition
+from agent_ledger.stores import _process
 from agent_ledger.stores import django as django_store
 from agent_ledger.stores.base import EffectStore
 from agent_ledger.stores.django import DjangoStore
@@ -107,7 +108,7 @@ def one_thread() -> Iterator[None]:
 
 async def on_store_thread(func: Callable[[], _T]) -> _T:
     """Run ``func`` on the store's (only) thread, as a store call would be."""
-    return await django_store._in_thread(func)
+    return await _process.in_thread(func)
 
 
 # -- configuration -----------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from ..errors import EffectLedgerValidationError
 from ..types import Actor, CommitOutcome, Effect, EffectError, EffectStatus, Transition
 
 #: The LISTEN/NOTIFY channel PostgreSQL stores announce changes on (payload: the effect id).
@@ -219,3 +220,25 @@ def claimable(effect: Effect, *, stale_after_ms: float, now: datetime) -> bool:
         return True
     idle_ms = (now - effect.updated_at).total_seconds() * 1000
     return effect.status is EffectStatus.PROCESSING and 0 < stale_after_ms <= idle_ms
+
+
+_INT4_MAX = 2**31 - 1
+
+
+def int_user_id(actor: Actor) -> int | None:
+    """``actor.user_id`` as the history table's integer column, checked before any write (for
+    stores without Django, which cannot ask the user model)."""
+    user_id = actor.user_id
+    if user_id is None:
+        return None
+    if isinstance(user_id, str) and user_id.strip().lstrip("-").isdigit():
+        user_id = int(user_id)
+    if isinstance(user_id, bool) or not isinstance(user_id, int):
+        raise EffectLedgerValidationError(
+            f"{actor.user_id!r} is not a valid user id", field="actor.user_id"
+        )
+    if not -_INT4_MAX - 1 <= user_id <= _INT4_MAX:
+        raise EffectLedgerValidationError(
+            f"{actor.user_id!r} is out of range for a user id", field="actor.user_id"
+        )
+    return user_id

@@ -24,25 +24,17 @@ read in the same locked query, so the clocks of many application servers do not 
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
-import functools
 import logging
-import os
-import threading
 import uuid
-from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from django.core.exceptions import ValidationError
 from django.db import (
-    DataError,
     Error,
     IntegrityError,
-    close_old_connections,
     connections,
     transaction,
 )
@@ -65,11 +57,10 @@ from ..types import (
     EffectStatus,
     Transition,
 )
-from ._listen import Listener
+from ._process import close_connections, in_thread, listen, notifier
 from .base import (
     CHANNEL,
     BeginRecord,
-    ChangeNotifier,
     NewEffect,
     TransitionRecord,
     claimable,
@@ -77,17 +68,13 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    import psycopg
+    pass
 
 __all__ = ["DjangoStore", "close_connections"]
 
 logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-#: Wakes this process's waiters when a change commits (any thread, any event loop); the
-#: LISTEN connection feeds it the changes of other processes.
-_notifier = ChangeNotifier()
 
 _SIGNALS: dict[EffectStatus, Signal] = {
     EffectStatus.REQUIRES_APPROVAL: signals.approval_requested,
@@ -116,18 +103,18 @@ class DjangoStore:
     # -- the async protocol: each runs its sync twin on the store's threads --------------------
 
     async def begin(self, new: NewEffect) -> BeginRecord:
-        return await _in_thread(self.begin_sync, new)
+        return await in_thread(self.begin_sync, new)
 
     async def get(self, effect_id: str) -> Effect | None:
-        return await _in_thread(self.get_sync, effect_id)
+        return await in_thread(self.get_sync, effect_id)
 
     async def get_by_idem_key(self, idem_key: str) -> Effect | None:
-        return await _in_thread(self.get_by_idem_key_sync, idem_key)
+        return await in_thread(self.get_by_idem_key_sync, idem_key)
 
     async def commit(
         self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
     ) -> Effect | None:
-        return await _in_thread(self.commit_sync, effect_id, outcome, fence=fence, actor=actor)
+        return await in_thread(self.commit_sync, effect_id, outcome, fence=fence, actor=actor)
 
     async def transition(
         self,
@@ -139,7 +126,7 @@ class DjangoStore:
         reason: str | None = None,
         error: EffectError | None = None,
     ) -> TransitionRecord:
-        return await _in_thread(
+        return await in_thread(
             self.transition_sync,
             idem_key,
             from_statuses=from_statuses,
@@ -150,18 +137,18 @@ class DjangoStore:
         )
 
     async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
-        return await _in_thread(
+        return await in_thread(
             self.claim_sync, effect_id, stale_after_ms=stale_after_ms, actor=actor
         )
 
     async def history(self, effect_id: str) -> list[Transition]:
-        return await _in_thread(self.history_sync, effect_id)
+        return await in_thread(self.history_sync, effect_id)
 
     async def wait_for_change(
         self, effect_id: str, timeout_s: float, since: float
     ) -> Effect | None:
-        _listen(self.using)
-        return await _notifier.wait(effect_id, timeout_s, since)
+        listen(self.using)
+        return await notifier.wait(effect_id, timeout_s, since)
 
     # -- sync twins: the ORM code ---------------------------------------------------------------
 
@@ -362,92 +349,6 @@ class DjangoStore:
         ]
 
 
-# -- the threads -------------------------------------------------------------------------------
-
-_threads: tuple[ThreadPoolExecutor, int] | None = None
-_threads_lock = threading.Lock()
-
-
-async def _in_thread(func: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    context = contextvars.copy_context()
-    call = functools.partial(context.run, _unit_of_work, func, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(_executor(), call)
-
-
-def _unit_of_work(func: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-    """One store call on a store thread, with Django's connection handling around it (what a
-    request gets from its start and end signals)."""
-    close_old_connections()
-    try:
-        return func(*args, **kwargs)
-    except EffectStoreError as exc:
-        if _suspect(exc):
-            # Broken, read-only, or from a server that was shutting down: is_usable() may still
-            # say yes (SQLite's always does), so never hand it to the next call.
-            for conn in connections.all(initialized_only=True):
-                conn.close()
-        raise
-    finally:
-        close_old_connections()
-
-
-def _suspect(exc: EffectStoreError) -> bool:
-    """A failure that may be the connection's, not the statement data's."""
-    cause = exc.__cause__
-    return isinstance(cause, Error) and not isinstance(cause, (DataError, IntegrityError))
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _threads
-    threads = _threads
-    if threads is None:
-        with _threads_lock:
-            if _threads is None:
-                size = ledger_settings.ASYNC_THREADS
-                _threads = (ThreadPoolExecutor(size, thread_name_prefix="agent-ledger"), size)
-            threads = _threads
-    return threads[0]
-
-
-def close_connections() -> None:
-    """Close the connections the store's threads keep (``CONN_MAX_AGE`` > 0) and its LISTEN
-    connections now, and stop the threads; the next async call starts new ones.
-
-    For tests (before the test database is dropped) and shutdown hooks; call it when no async
-    ledger call is in flight.
-    """
-    global _threads
-    with _threads_lock:
-        threads, _threads = _threads, None
-    _stop_listening()
-    if threads is None:
-        return
-    executor, size = threads
-    # One task per thread: each waits at the barrier until all threads hold one, so every
-    # thread (even idle ones) closes the connections it owns.
-    barrier = threading.Barrier(size)
-
-    def close_mine() -> None:
-        connections.close_all()
-        with suppress(threading.BrokenBarrierError):
-            barrier.wait(timeout=5)
-
-    for _ in range(size):
-        executor.submit(close_mine)
-    executor.shutdown(wait=True)
-
-
-def _forget_after_fork() -> None:
-    """A forked child (Celery prefork, gunicorn) has none of the parent's threads; it must not
-    touch the parent's sockets either, so it drops, not closes, what it inherited."""
-    global _threads
-    _threads = None
-    _listeners.clear()
-
-
-os.register_at_fork(after_in_child=_forget_after_fork)
-
-
 @contextmanager
 def _store_errors(operation: str) -> Iterator[None]:
     """Turn the driver's failures into ``EffectStoreError`` with the original chained."""
@@ -510,7 +411,7 @@ def _record(
 
 def _announce(using: str, effect: Effect, from_status: EffectStatus | None, actor: Actor) -> None:
     """Once the change commits: wake this process's waiters and send the status's signal."""
-    transaction.on_commit(lambda: _notifier.notify(effect.id, effect), using=using)
+    transaction.on_commit(lambda: notifier.notify(effect.id, effect), using=using)
     signal = _SIGNALS.get(effect.status) if from_status is not effect.status else None
     if signal is not None:
         transaction.on_commit(lambda: _send(signal, effect, actor), using=using)
@@ -564,37 +465,3 @@ def _fetch(using: str, query: str, params: dict[str, Any], attempts: int = 1) ->
             if row is not None:
                 return dict(zip([column.name for column in cursor.description], row, strict=True))
     return None
-
-
-_listeners: dict[str, Listener] = {}
-
-
-def _listen(using: str) -> None:
-    """Hear other processes' commits on PostgreSQL (one LISTEN connection per alias)."""
-    listener = _listeners.get(using)
-    if listener is None:
-        conn = connections[using]
-        if conn.vendor != "postgresql":
-            return
-        with _threads_lock:
-            listener = _listeners.get(using)
-            if listener is None:
-                params = conn.get_connection_params()
-                params.pop("cursor_factory", None)
-                params.pop("pool", None)
-
-                def connect() -> psycopg.Connection[Any]:
-                    import psycopg
-
-                    return psycopg.connect(**{**params, "autocommit": True})
-
-                listener = _listeners[using] = Listener(connect, _notifier)
-    listener.start()
-
-
-def _stop_listening() -> None:
-    with _threads_lock:
-        listeners = list(_listeners.values())
-        _listeners.clear()
-    for listener in listeners:
-        listener.stop()

@@ -1,28 +1,21 @@
 """``PostgresStore``: the store protocol on PostgreSQL with psycopg 3, for workers outside Django.
 
-It imports no Django, so an agent worker needs only ``psycopg`` and ``psycopg-pool``. Its tables
-are the ones the Django migrations create (``SCHEMA_SQL`` makes the same; a test compares the
-two catalogs), so workers on this store and the Django admin on ``DjangoStore`` share one ledger.
-``DjangoStore`` on PostgreSQL runs this module's ``BEGIN`` and ``COMMIT`` through Django's own
-cursor, so the two paths cannot drift apart.
+It imports no Django. Its tables are the ones the Django migrations create (``SCHEMA_SQL``, kept
+in ``schema.sql`` beside this module, makes the same; a test compares the catalogs), so workers
+here and the admin on ``DjangoStore`` share one ledger. ``DjangoStore`` on PostgreSQL runs this
+module's ``BEGIN`` and ``COMMIT`` through Django's cursor, so the two cannot drift apart.
 
-Every write is one atomic step that changes the effect, appends its history row and calls
-``pg_notify`` (delivered when the transaction commits, so other processes' waiters wake at
-once). ``begin``, ``commit`` and ``claim`` are single data-modifying CTEs: one round trip, in
-autocommit; ``transition`` locks, checks and changes in one short transaction.
+Every write changes the effect, appends its history row and calls ``pg_notify`` (delivered on
+commit, so other processes' waiters wake at once) in one atomic step: ``begin``, ``commit`` and
+``claim`` are single data-modifying CTEs in autocommit; ``transition`` is a short transaction.
+Replays are counted by the ``BEGIN`` that finds the key, before it returns, so a killed worker
+loses no count; that write skips the WAL flush (``synchronous_commit`` off for its transaction),
+so a *database* crash can lose its last few hundred milliseconds of counts, never an effect, an
+outcome or a history row. Timestamps and staleness use the database clock.
 
-Replays are counted by the ``BEGIN`` that finds the key, before it returns: nothing is held in
-the process, so a killed worker loses no count. That write does not wait for the WAL flush
-(``synchronous_commit`` off for its own transaction), so a *database* crash can lose the counts
-of its last few hundred milliseconds, never an effect, an outcome or a history row.
-
-Clock: every timestamp is ``statement_timestamp()``, what Django's ``Now()`` and the column
-defaults use, and staleness is judged by the database clock too (see ``CLAIM``).
-
-Pool: the caller's ``AsyncConnectionPool``; give it ``check=AsyncConnectionPool.check_connection``
-so a connection the server dropped while idle is replaced on checkout. A connection whose
-statement failed for any reason but bad data is closed before it goes back, so the pool replaces
-it: a connection made during a read-only spell or a shutdown is never handed out again.
+Pool: the caller's, with ``check=AsyncConnectionPool.check_connection``. A connection whose step
+failed for any reason but bad data is closed, so the pool replaces it: one from a read-only
+spell or a shutting-down server is never handed out again.
 """
 
 from __future__ import annotations
@@ -35,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Collection, Coroutine, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
@@ -42,7 +36,6 @@ from psycopg.rows import dict_row
 
 from ..errors import (
     EffectLedgerError,
-    EffectLedgerValidationError,
     EffectNotFoundError,
     EffectStoreError,
 )
@@ -57,7 +50,15 @@ from ..types import (
     Transition,
 )
 from ._listen import Listener
-from .base import CHANNEL, BeginRecord, ChangeNotifier, NewEffect, TransitionRecord, parse_uuid
+from .base import (
+    CHANNEL,
+    BeginRecord,
+    ChangeNotifier,
+    NewEffect,
+    TransitionRecord,
+    int_user_id,
+    parse_uuid,
+)
 
 if TYPE_CHECKING:
     from psycopg import AsyncConnection
@@ -69,71 +70,9 @@ logger = logging.getLogger("agent_ledger")
 
 _T = TypeVar("_T")
 
-_STATUSES = ", ".join(f"'{status.value}'" for status in EffectStatus)
+#: Run it at start-up (see ``schema.sql`` for what it makes); safe on migrated databases.
+SCHEMA_SQL = (Path(__file__).parent / "schema.sql").read_text(encoding="utf-8")
 
-#: The tables of ``agent_ledger/migrations`` (``manage.py sqlmigrate agent_ledger 0001``), with
-#: the same names for every constraint and index, so running this on a migrated database changes
-#: nothing. Idempotent; the advisory lock stops two workers starting at once from racing on the
-#: catalog (concurrent ``CREATE TABLE IF NOT EXISTS`` can fail with a duplicate-key error).
-#: ``actor_user_id`` is ``integer``: the default user model's key.
-SCHEMA_SQL = f"""
-SELECT pg_advisory_xact_lock(7294712406617125170);
-
-CREATE TABLE IF NOT EXISTS agent_ledger_effect (
-    id uuid NOT NULL PRIMARY KEY,
-    idem_key varchar(64) NOT NULL,
-    workflow_id varchar(255) NOT NULL,
-    call_id varchar(255) NOT NULL,
-    tool varchar(255) NOT NULL,
-    status varchar(32) NOT NULL,
-    args_canonical text NOT NULL,
-    resource_id_canonical text NULL,
-    result jsonb NULL,
-    error jsonb NULL,
-    dedup_count integer DEFAULT 0 NOT NULL,
-    fence integer DEFAULT 1 NOT NULL,
-    created_at timestamp with time zone DEFAULT statement_timestamp() NOT NULL,
-    updated_at timestamp with time zone DEFAULT statement_timestamp() NOT NULL,
-    completed_at timestamp with time zone NULL,
-    CONSTRAINT agent_ledger_effect_idem_key_uniq UNIQUE (idem_key),
-    CONSTRAINT agent_ledger_effect_status_valid CHECK (status IN ({_STATUSES})),
-    CONSTRAINT agent_ledger_effect_dedup_gte_0 CHECK (dedup_count >= 0),
-    CONSTRAINT agent_ledger_effect_fence_gte_1 CHECK (fence >= 1)
-);
-
-CREATE TABLE IF NOT EXISTS agent_ledger_effecttransition (
-    id bigint NOT NULL PRIMARY KEY GENERATED BY DEFAULT AS IDENTITY,
-    from_status varchar(32) NULL,
-    to_status varchar(32) NOT NULL,
-    at timestamp with time zone DEFAULT statement_timestamp() NOT NULL,
-    actor_label varchar(100) NOT NULL,
-    actor_name varchar(150) DEFAULT '' NOT NULL,
-    reason text NULL,
-    actor_user_id integer NULL,
-    effect_id uuid NOT NULL,
-    CONSTRAINT agent_ledger_effectt_effect_id_7c17c707_fk_agent_led
-        FOREIGN KEY (effect_id) REFERENCES agent_ledger_effect (id)
-        DEFERRABLE INITIALLY DEFERRED
-);
-
-CREATE INDEX IF NOT EXISTS agent_ledger_created
-    ON agent_ledger_effect (created_at DESC);
-CREATE INDEX IF NOT EXISTS agent_ledger_workflow
-    ON agent_ledger_effect (workflow_id, created_at DESC);
-CREATE INDEX IF NOT EXISTS agent_ledger_tool
-    ON agent_ledger_effect (tool, created_at DESC);
-CREATE INDEX IF NOT EXISTS agent_ledger_status
-    ON agent_ledger_effect (status, created_at DESC);
-CREATE INDEX IF NOT EXISTS agent_ledger_active
-    ON agent_ledger_effect (status, updated_at)
-    WHERE status IN ('processing', 'ready', 'requires_approval');
-CREATE INDEX IF NOT EXISTS agent_ledger_effecttransition_actor_user_id_fd38188c
-    ON agent_ledger_effecttransition (actor_user_id);
-CREATE INDEX IF NOT EXISTS agent_ledger_trans_effect
-    ON agent_ledger_effecttransition (effect_id, at);
-CREATE INDEX IF NOT EXISTS agent_ledger_trans_at
-    ON agent_ledger_effecttransition (at DESC);
-"""
 
 # -- the statements ------------------------------------------------------------------------------
 
@@ -263,7 +202,6 @@ FROM agent_ledger_effecttransition WHERE effect_id = %s ORDER BY at, id
 
 #: Longer thresholds would overflow the timestamp arithmetic; nothing idles a century anyway.
 _MAX_STALE = timedelta(days=36_500)
-_INT4_MAX = 2**31 - 1
 
 
 # -- parameters and rows -------------------------------------------------------------------------
@@ -618,17 +556,4 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 def _actor_params(actor: Actor) -> dict[str, Any]:
-    """The history row's actor columns, checked before anything is written."""
-    user_id = actor.user_id
-    if user_id is not None:
-        if isinstance(user_id, str) and user_id.strip().lstrip("-").isdigit():
-            user_id = int(user_id)
-        if isinstance(user_id, bool) or not isinstance(user_id, int):
-            raise EffectLedgerValidationError(
-                f"{actor.user_id!r} is not a valid user id", field="actor.user_id"
-            )
-        if not -_INT4_MAX - 1 <= user_id <= _INT4_MAX:
-            raise EffectLedgerValidationError(
-                f"{actor.user_id!r} is out of range for a user id", field="actor.user_id"
-            )
-    return actor_params(actor, user_id)
+    return actor_params(actor, int_user_id(actor))
