@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Collection
-from datetime import datetime
-from typing import Protocol, runtime_checkable
+from collections.abc import Collection, Mapping
+from datetime import datetime, timezone
+from typing import Any, Protocol, runtime_checkable
 
 from ..errors import EffectLedgerValidationError
 from ..types import Actor, CommitOutcome, Effect, EffectError, EffectStatus, Transition
@@ -206,6 +207,23 @@ def _resolve(future: asyncio.Future[Effect | None], effect: Effect | None) -> No
         future.set_result(effect)
 
 
+def worth_waking(effect: Effect, from_status: EffectStatus | None) -> bool:
+    """Whether other processes must hear of this change (NOTIFY): always, but for a new
+    processing effect (nobody can be waiting for a key that did not exist; a new approval
+    request is announced, for whoever watches them) and a commit nobody counted themselves
+    waiting for (every waiter's ``begin`` adds to ``dedup_count`` before it waits, and a commit
+    and that count take the same row lock, so either the commit sees it or the waiter sees the
+    outcome). NOTIFY is not free: PostgreSQL serialises the commits of notifying transactions."""
+    if from_status is None:
+        return effect.status is EffectStatus.REQUIRES_APPROVAL
+    if from_status is EffectStatus.PROCESSING and effect.status in (
+        EffectStatus.SUCCEEDED,
+        EffectStatus.FAILED,
+    ):
+        return effect.dedup_count > 0
+    return True
+
+
 def parse_uuid(value: str) -> uuid.UUID | None:
     """Ids that are not UUIDs cannot name an effect: unknown, not an error, for every store."""
     try:
@@ -242,3 +260,47 @@ def int_user_id(actor: Actor) -> int | None:
             f"{actor.user_id!r} is out of range for a user id", field="actor.user_id"
         )
     return user_id
+
+
+def effect_from_columns(row: Mapping[str, Any], *, json_as_text: bool = False) -> Effect:
+    """An ``Effect`` from the table's columns (a row as a dict, or a model's ``__dict__``): the
+    one mapping every database store uses. ``json_as_text``: the cursor hands jsonb over as
+    text (Django's do, for its JSONField to parse), so parse ``result`` and ``error`` here."""
+    completed_at = row["completed_at"]
+    result, error = row["result"], row["error"]
+    if json_as_text:
+        result = None if result is None else json.loads(result)
+        error = None if error is None else json.loads(error)
+    return Effect(
+        id=str(row["id"]),
+        idem_key=row["idem_key"],
+        workflow_id=row["workflow_id"],
+        call_id=row["call_id"],
+        tool=row["tool"],
+        status=EffectStatus(row["status"]),
+        args_canonical=row["args_canonical"],
+        resource_id_canonical=row["resource_id_canonical"],
+        dedup_count=row["dedup_count"],
+        created_at=utc(row["created_at"]),
+        updated_at=utc(row["updated_at"]),
+        result=result,
+        error=EffectError.from_dict(error),
+        completed_at=None if completed_at is None else utc(completed_at),
+        fence=row["fence"],
+    )
+
+
+def transition_from_columns(row: Mapping[str, Any]) -> Transition:
+    return Transition(
+        effect_id=str(row["effect_id"]),
+        from_status=EffectStatus(row["from_status"]) if row["from_status"] else None,
+        to_status=EffectStatus(row["to_status"]),
+        at=utc(row["at"]),
+        actor=Actor(row["actor_label"], row["actor_user_id"], row["actor_name"]),
+        reason=row["reason"],
+    )
+
+
+def utc(value: datetime) -> datetime:
+    """In UTC whatever the session's TimeZone, like the other stores' timestamps."""
+    return value.astimezone(timezone.utc)

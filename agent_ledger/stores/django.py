@@ -64,7 +64,9 @@ from .base import (
     NewEffect,
     TransitionRecord,
     claimable,
+    effect_from_columns,
     parse_uuid,
+    worth_waking,
 )
 
 if TYPE_CHECKING:
@@ -163,7 +165,7 @@ class DjangoStore:
                 row = _fetch(using, pg.BEGIN, params, attempts=pg.BEGIN_ATTEMPTS)
             if row is None:
                 raise pg.vanished(new.idem_key)
-            record = BeginRecord(pg.effect_from_row(row, json_as_text=True), row["created"])
+            record = BeginRecord(effect_from_columns(row, json_as_text=True), row["created"])
             if record.created:
                 _announce(using, record.effect, None, new.actor)
             return record
@@ -229,7 +231,7 @@ class DjangoStore:
                 row = _fetch(using, pg.COMMIT, params)
             if row is None:
                 return None
-            effect = pg.effect_from_row(row, json_as_text=True)
+            effect = effect_from_columns(row, json_as_text=True)
             _announce(using, effect, EffectStatus.PROCESSING, actor)
             return effect
         if isinstance(outcome, CommitSucceeded):
@@ -364,23 +366,7 @@ def _store_errors(operation: str) -> Iterator[None]:
 
 
 def _effect(row: EffectRow) -> Effect:
-    return Effect(
-        id=str(row.id),
-        idem_key=row.idem_key,
-        workflow_id=row.workflow_id,
-        call_id=row.call_id,
-        tool=row.tool,
-        status=EffectStatus(row.status),
-        args_canonical=row.args_canonical,
-        resource_id_canonical=row.resource_id_canonical,
-        dedup_count=row.dedup_count,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        result=row.result,
-        error=EffectError.from_dict(row.error),
-        completed_at=row.completed_at,
-        fence=row.fence,
-    )
+    return effect_from_columns(row.__dict__)
 
 
 def _record(
@@ -403,7 +389,7 @@ def _record(
         reason=reason,
     )
     conn = connections[using]
-    if conn.vendor == "postgresql":
+    if conn.vendor == "postgresql" and worth_waking(effect, from_status):
         with conn.cursor() as cursor:
             cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, effect.id])
     _announce(using, effect, from_status, actor)

@@ -14,20 +14,19 @@ so a *database* crash can lose its last few hundred milliseconds of counts, neve
 outcome or a history row. Timestamps and staleness use the database clock.
 
 Pool: the caller's, with ``check=AsyncConnectionPool.check_connection``. A connection whose step
-failed for any reason but bad data is closed, so the pool replaces it: one from a read-only
-spell or a shutting-down server is never handed out again.
+failed for any reason but bad data is closed, so the pool replaces it (``_connection``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
-import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Collection, Coroutine, Mapping
-from contextlib import asynccontextmanager
-from datetime import datetime, timedelta, timezone
+from contextlib import asynccontextmanager, suppress
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -56,8 +55,10 @@ from .base import (
     ChangeNotifier,
     NewEffect,
     TransitionRecord,
+    effect_from_columns,
     int_user_id,
     parse_uuid,
+    transition_from_columns,
 )
 
 if TYPE_CHECKING:
@@ -65,8 +66,6 @@ if TYPE_CHECKING:
     from psycopg_pool import AsyncConnectionPool
 
 __all__ = ["SCHEMA_SQL", "PostgresStore"]
-
-logger = logging.getLogger("agent_ledger")
 
 _T = TypeVar("_T")
 
@@ -91,6 +90,22 @@ SELECT id, {from_status}, status, {at}, %(actor_label)s::varchar, %(actor_user_i
 FROM {source}
 """
 _NOTIFY = f"pg_notify('{CHANNEL}', id::text)::text"
+# NOTIFY serialises commits server-wide: changes nobody can wait for send none (``worth_waking``).
+_NOTIFY_CREATED = f"CASE WHEN status = 'requires_approval' THEN {_NOTIFY} END"
+_NOTIFY_COMMITTED = f"CASE WHEN dedup_count > 0 THEN {_NOTIFY} END"
+_CREATED = _HISTORY.format(from_status="NULL", at="created_at", reason="NULL", source="ins")
+_COMMITTED = _HISTORY.format(
+    from_status="'processing'", at="updated_at", reason="NULL", source="upd"
+)
+_CLAIMED = _HISTORY.format(
+    from_status="from_status",
+    at="updated_at",
+    reason="CASE WHEN from_status = 'processing' THEN 'stale takeover' END",
+    source="upd",
+)
+_DECIDED = _HISTORY.format(
+    from_status="%(from_status)s::varchar", at="updated_at", reason="%(reason)s::text", source="upd"
+)
 
 # Insert, or count a replay, in one statement. Under READ COMMITTED a row inserted by a
 # transaction that commits while this statement runs makes both branches come back empty (the
@@ -106,19 +121,18 @@ WITH ins AS (
     ON CONFLICT (idem_key) DO NOTHING
     RETURNING {COLUMNS}
 ), hist AS (
-    {_HISTORY.format(from_status="NULL", at="created_at", reason="NULL", source="ins")}
+    {_CREATED}
 ), replay AS (
     UPDATE agent_ledger_effect SET dedup_count = dedup_count + 1
     WHERE idem_key = %(idem_key)s AND NOT EXISTS (SELECT 1 FROM ins)
     RETURNING {COLUMNS}
 )
-SELECT true AS created, {COLUMNS}, {_NOTIFY} AS side FROM ins
+SELECT true AS created, {COLUMNS}, {_NOTIFY_CREATED} AS side FROM ins
 UNION ALL
 SELECT false, {COLUMNS}, set_config('synchronous_commit', 'off', true) FROM replay
 """
 
-#: How often ``BEGIN`` is run again when both branches came back empty (see above); each run
-#: has a newer snapshot, so more than one retry is rare.
+#: ``BEGIN`` is run again while both branches come back empty (each run has a newer snapshot).
 BEGIN_ATTEMPTS = 10
 
 # No lock needed: the UPDATE's conditions (still processing, fence unchanged) are re-checked on
@@ -133,17 +147,14 @@ WITH upd AS (
       AND (%(fence)s::integer IS NULL OR fence = %(fence)s::integer)
     RETURNING {COLUMNS}
 ), hist AS (
-    {_HISTORY.format(from_status="'processing'", at="updated_at", reason="NULL", source="upd")}
+    {_COMMITTED}
 )
-SELECT {COLUMNS}, {_NOTIFY} AS side FROM upd
+SELECT {COLUMNS}, {_NOTIFY_COMMITTED} AS side FROM upd
 """
 
-# The claim rule of ``base.claimable`` by the database clock: ready, or processing and idle for
-# at least the stale threshold (NULL: takeover disabled), judged as of when ``claim`` was called:
-# ``now()`` less the time the call waited for a connection (a duration, so the worker's clock is
-# never compared with the database's). A claimer that queued behind the winner, for a connection
-# or the row lock, then sees the winner's fresh ``updated_at`` and loses, instead of finding the
-# new owner stale in turn. The row lock (``cur``) makes one of several claimers the owner.
+# ``base.claimable`` by the database clock, as of when ``claim`` was called (``now()`` less the
+# time it waited for a connection): a claimer that queued behind the winner then sees the
+# winner's fresh ``updated_at`` and loses. The row lock (``cur``) makes one claimer the owner.
 CLAIM = f"""
 WITH cur AS (
     SELECT id, status FROM agent_ledger_effect WHERE id = %(id)s FOR UPDATE
@@ -158,14 +169,7 @@ WITH cur AS (
     RETURNING {", ".join(f"e.{column}" for column in COLUMNS.split(", "))},
               cur.status AS from_status
 ), hist AS (
-    {
-    _HISTORY.format(
-        from_status="from_status",
-        at="updated_at",
-        reason="CASE WHEN from_status = 'processing' THEN 'stale takeover' END",
-        source="upd",
-    )
-}
+    {_CLAIMED}
 )
 SELECT {COLUMNS}, {_NOTIFY} AS side FROM upd
 """
@@ -181,14 +185,7 @@ WITH upd AS (
     WHERE id = %(id)s
     RETURNING {COLUMNS}
 ), hist AS (
-    {
-    _HISTORY.format(
-        from_status="%(from_status)s::varchar",
-        at="updated_at",
-        reason="%(reason)s::text",
-        source="upd",
-    )
-}
+    {_DECIDED}
 )
 SELECT {COLUMNS}, {_NOTIFY} AS side FROM upd
 """
@@ -200,25 +197,15 @@ SELECT effect_id, from_status, to_status, at, actor_label, actor_user_id, actor_
 FROM agent_ledger_effecttransition WHERE effect_id = %s ORDER BY at, id
 """
 
-#: Longer thresholds would overflow the timestamp arithmetic; nothing idles a century anyway.
-_MAX_STALE = timedelta(days=36_500)
+_MAX_STALE = timedelta(days=36_500)  # longer would overflow timestamp arithmetic
 
 
 # -- parameters and rows -------------------------------------------------------------------------
 
 
 def begin_params(new: NewEffect, actor: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "id": uuid.UUID(new.id),
-        "idem_key": new.idem_key,
-        "workflow_id": new.workflow_id,
-        "call_id": new.call_id,
-        "tool": new.tool,
-        "status": EffectStatus(new.status).value,
-        "args_canonical": new.args_canonical,
-        "resource_id_canonical": new.resource_id_canonical,
-        **actor,
-    }
+    fields = {field.name: getattr(new, field.name) for field in dataclasses.fields(new)}
+    return {**fields, "id": uuid.UUID(new.id), "status": EffectStatus(new.status).value, **actor}
 
 
 def commit_params(
@@ -262,56 +249,11 @@ def vanished(idem_key: str) -> EffectStoreError:
     )
 
 
-def effect_from_row(row: Mapping[str, Any], *, json_as_text: bool = False) -> Effect:
-    """An ``Effect`` from a row of ``COLUMNS``. ``json_as_text``: the connection hands jsonb
-    over unparsed (Django's do: its JSONField parses it), so parse ``result`` and ``error``."""
-    completed_at = row["completed_at"]
-    result, error = row["result"], row["error"]
-    if json_as_text:
-        result = None if result is None else json.loads(result)
-        error = None if error is None else json.loads(error)
-    return Effect(
-        id=str(row["id"]),
-        idem_key=row["idem_key"],
-        workflow_id=row["workflow_id"],
-        call_id=row["call_id"],
-        tool=row["tool"],
-        status=EffectStatus(row["status"]),
-        args_canonical=row["args_canonical"],
-        resource_id_canonical=row["resource_id_canonical"],
-        dedup_count=row["dedup_count"],
-        created_at=utc(row["created_at"]),
-        updated_at=utc(row["updated_at"]),
-        result=result,
-        error=EffectError.from_dict(error),
-        completed_at=None if completed_at is None else utc(completed_at),
-        fence=row["fence"],
-    )
-
-
-def transition_from_row(row: Mapping[str, Any]) -> Transition:
-    return Transition(
-        effect_id=str(row["effect_id"]),
-        from_status=EffectStatus(row["from_status"]) if row["from_status"] else None,
-        to_status=EffectStatus(row["to_status"]),
-        at=utc(row["at"]),
-        actor=Actor(row["actor_label"], row["actor_user_id"], row["actor_name"]),
-        reason=row["reason"],
-    )
-
-
-def utc(value: datetime) -> datetime:
-    """In UTC whatever the session's TimeZone, like the other stores' timestamps."""
-    return value.astimezone(timezone.utc)
-
-
 # -- the store -----------------------------------------------------------------------------------
 
-#: What the driver and the pool raise when the database fails, refuses or cannot be reached
-#: (``PoolTimeout`` is a ``psycopg.OperationalError``; ``OSError`` covers sockets below it).
+#: The database failed, refused or is out of reach (``PoolTimeout`` is a psycopg error too)...
 _DRIVER_ERRORS = (psycopg.Error, OSError)
-
-#: Failures that say nothing about the connection (the statement's data was refused).
+#: ...but these say nothing about the connection: the statement's data was refused.
 _DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
 
 
@@ -341,7 +283,7 @@ class PostgresStore:
         row = await self._fetch("begin", BEGIN, params, attempts=BEGIN_ATTEMPTS)
         if row is None:
             raise vanished(new.idem_key)
-        effect = effect_from_row(row)
+        effect = effect_from_columns(row)
         if row["created"]:
             self._notifier.notify(effect.id, effect)
         return BeginRecord(effect, created=row["created"])
@@ -391,7 +333,7 @@ class PostgresStore:
                 row = await _fetchone(conn, LOCK_BY_KEY, (idem_key,))
                 if row is None:
                     raise EffectNotFoundError(idem_key)
-                current = effect_from_row(row)
+                current = effect_from_columns(row)
                 if current.status not in allowed:
                     return TransitionRecord(current, changed=False)
                 params = {
@@ -406,7 +348,7 @@ class PostgresStore:
                 row = await _fetchone(conn, TRANSITION, params)
             if row is None:  # pragma: no cover - the row is locked and was just read
                 raise EffectStoreError("locked row vanished", operation="transition")
-            return TransitionRecord(effect_from_row(row), changed=True)
+            return TransitionRecord(effect_from_columns(row), changed=True)
 
         record = await self._on_pool_loop(step())
         if record.changed:
@@ -418,11 +360,11 @@ class PostgresStore:
         if pk is None:
             return None
         row = await self._fetch("get", GET, (pk,))
-        return None if row is None else effect_from_row(row)
+        return None if row is None else effect_from_columns(row)
 
     async def get_by_idem_key(self, idem_key: str) -> Effect | None:
         row = await self._fetch("get_by_idem_key", GET_BY_KEY, (idem_key,))
-        return None if row is None else effect_from_row(row)
+        return None if row is None else effect_from_columns(row)
 
     async def history(self, effect_id: str) -> list[Transition]:
         pk = parse_uuid(effect_id)
@@ -435,7 +377,7 @@ class PostgresStore:
                 await cursor.execute(HISTORY_OF, (pk,))
                 return await cursor.fetchall()
 
-        return [transition_from_row(row) for row in await self._on_pool_loop(step())]
+        return [transition_from_columns(row) for row in await self._on_pool_loop(step())]
 
     async def wait_for_change(
         self, effect_id: str, timeout_s: float, since: float
@@ -444,13 +386,13 @@ class PostgresStore:
             self._listener.start()
         return await self._notifier.wait(effect_id, timeout_s, since)
 
-    async def aclose(self) -> None:
-        """Stop listening (the pool is the caller's to close, after this)."""
-        self.close()
-
     def close(self) -> None:
+        """Stop listening (the pool is the caller's to close, after this)."""
         if self._listener is not None:
             self._listener.stop()
+
+    async def aclose(self) -> None:
+        self.close()
 
     # -- plumbing ------------------------------------------------------------------------------
 
@@ -478,7 +420,7 @@ class PostgresStore:
         statement's NOTIFY)."""
         if row is None:
             return None
-        effect = effect_from_row(row)
+        effect = effect_from_columns(row)
         self._notifier.notify(effect.id, effect)
         return effect
 
@@ -549,10 +491,9 @@ async def _fetchone(
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
+    with suppress(RuntimeError):
         return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+    return None
 
 
 def _actor_params(actor: Actor) -> dict[str, Any]:
