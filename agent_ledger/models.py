@@ -96,6 +96,10 @@ class Effect(models.Model):
     dedup_count = models.IntegerField(_("replays"), default=0, db_default=0)
     #: Rises on every claim; a commit must carry the current value (fencing token).
     fence = models.IntegerField(default=1, db_default=1)
+    #: How many times the tool was started: the first run and every claim.
+    attempts = models.IntegerField(default=0, db_default=0)
+    #: What resumes the agent when a human decides: ``{"resumer": name, ...}``.
+    continuation = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(db_default=Now())
     updated_at = models.DateTimeField(db_default=Now())
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -131,6 +135,9 @@ class Effect(models.Model):
             ),
             models.CheckConstraint(
                 condition=models.Q(fence__gte=1), name="agent_ledger_effect_fence_gte_1"
+            ),
+            models.CheckConstraint(
+                condition=models.Q(attempts__gte=0), name="agent_ledger_effect_attempts_gte_0"
             ),
         ]
 

@@ -138,6 +138,19 @@ class DjangoStore:
             error=error,
         )
 
+    async def release(
+        self,
+        effect_id: str,
+        *,
+        fence: int,
+        actor: Actor,
+        reason: str,
+        error: EffectError | None = None,
+    ) -> Effect | None:
+        return await in_thread(
+            self.release_sync, effect_id, fence=fence, actor=actor, reason=reason, error=error
+        )
+
     async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
         return await in_thread(
             self.claim_sync, effect_id, stale_after_ms=stale_after_ms, actor=actor
@@ -183,6 +196,8 @@ class DjangoStore:
                         status=new.status.value,
                         args_canonical=new.args_canonical,
                         resource_id_canonical=new.resource_id_canonical,
+                        attempts=1 if new.status is EffectStatus.PROCESSING else 0,
+                        continuation=new.continuation,
                     )
             except IntegrityError as exc:
                 replayed = (
@@ -218,6 +233,42 @@ class DjangoStore:
     def commit_sync(
         self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
     ) -> Effect | None:
+        if isinstance(outcome, CommitSucceeded):
+            # A success after retried attempts clears their last error.
+            changes = {"status": EffectStatus.SUCCEEDED.value, "result": outcome.result}
+            changes["error"] = None
+        else:
+            changes = {"status": EffectStatus.FAILED.value, "error": outcome.error.to_dict()}
+        changes["completed_at"] = Now()
+        return self._owner_writes("commit", effect_id, fence, actor, outcome, changes)
+
+    def release_sync(
+        self,
+        effect_id: str,
+        *,
+        fence: int,
+        actor: Actor,
+        reason: str,
+        error: EffectError | None = None,
+    ) -> Effect | None:
+        changes = {"status": EffectStatus.READY.value, "error": error and error.to_dict()}
+        return self._owner_writes("release", effect_id, fence, actor, None, changes, error, reason)
+
+    def _owner_writes(
+        self,
+        operation: str,
+        effect_id: str,
+        fence: int | None,
+        actor: Actor,
+        outcome: CommitOutcome | None,
+        changes: dict[str, Any],
+        error: EffectError | None = None,
+        reason: str | None = None,
+    ) -> Effect | None:
+        """Commit or release: only the owner (``fence``) of a processing effect may. No lock
+        needed: the UPDATE's conditions are checked and applied in one statement (PostgreSQL
+        re-checks them on the row version it waited for), so an owner that lost its effect
+        to a takeover or a cancel changes nothing."""
         pk = parse_uuid(effect_id)
         if pk is None:
             return None
@@ -226,34 +277,25 @@ class DjangoStore:
         if _fast_path(using):
             from . import postgres as pg
 
-            params = pg.commit_params(pk, outcome, fence, pg.actor_params(actor, user_id))
-            with _store_errors("commit"):
+            actor_columns = pg.actor_params(actor, user_id)
+            params = pg.commit_params(pk, outcome, fence, actor_columns, error=error, reason=reason)
+            with _store_errors(operation):
                 row = _fetch(using, pg.COMMIT, params)
             if row is None:
                 return None
             effect = effect_from_columns(row, json_as_text=True)
             _announce(using, effect, EffectStatus.PROCESSING, actor)
             return effect
-        if isinstance(outcome, CommitSucceeded):
-            status, changes = EffectStatus.SUCCEEDED, {"result": outcome.result}
-        else:
-            status, changes = EffectStatus.FAILED, {"error": outcome.error.to_dict()}
-        with _store_errors("commit"), transaction.atomic(using=using):
-            # No lock needed: the UPDATE's own conditions (still processing, fence unchanged)
-            # are checked and applied in one statement (PostgreSQL re-checks them on the row
-            # version it waited for), so a commit that lost its effect to a takeover or a
-            # cancel changes nothing.
+        with _store_errors(operation), transaction.atomic(using=using):
             owned = EffectRow.objects.using(using).filter(
                 pk=pk, status=EffectStatus.PROCESSING.value
             )
             if fence is not None:
                 owned = owned.filter(fence=fence)
-            if not owned.update(
-                status=status.value, updated_at=Now(), completed_at=Now(), **changes
-            ):
+            if not owned.update(updated_at=Now(), **changes):
                 return None
             effect = _effect(EffectRow.objects.using(using).get(pk=pk))
-            _record(using, effect, EffectStatus.PROCESSING, actor, user_id, None)
+            _record(using, effect, EffectStatus.PROCESSING, actor, user_id, reason)
         return effect
 
     def transition_sync(
@@ -322,7 +364,10 @@ class DjangoStore:
                 EffectRow.objects.using(using)
                 .filter(pk=pk, status=current.status, fence=current.fence)
                 .update(
-                    status=EffectStatus.PROCESSING.value, fence=F("fence") + 1, updated_at=Now()
+                    status=EffectStatus.PROCESSING.value,
+                    fence=F("fence") + 1,
+                    attempts=F("attempts") + 1,
+                    updated_at=Now(),
                 )
             )
             if not taken:
