@@ -4,7 +4,7 @@
 VENV ?= .venv
 PYTHON ?= python3
 VENV_DJ61 ?= .venv-dj61
-PYTHON_DJ61 ?= $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python
+PYTHON_DJ61 ?= $(or $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12)),python3.12)
 
 .PHONY: install install-dj61 test demo lint bench
 
