@@ -250,6 +250,15 @@ class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     class Media:
         css = {"all": ("agent_ledger/admin.css",)}
 
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is None or obj.status != EffectStatus.REQUIRES_APPROVAL:
+            return self.fieldsets
+        # The decision panel above already shows the arguments: once on the page.
+        return [
+            (name, {**options, "fields": [f for f in options["fields"] if f != "args_json"]})
+            for name, options in self.fieldsets
+        ]
+
     # -- read-only, and nothing is ever deleted ------------------------------------------------
 
     def has_add_permission(self, request: HttpRequest) -> bool:
