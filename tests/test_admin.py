@@ -516,8 +516,8 @@ def test_the_declared_filters_still_work(viewer: Client) -> None:
         {"status": "requires_approval", "tool": "k8s.deploy"},
         {"created_at__year": now.year, "created_at__month": now.month},
         {
-            "created_at__gte": (now - timedelta(days=1)).date().isoformat(),
-            "created_at__lt": (now + timedelta(days=1)).date().isoformat(),
+            "created_at__gte": (now - timedelta(days=1)).isoformat(),
+            "created_at__lt": (now + timedelta(days=1)).isoformat(),
         },
     ):
         response = viewer.get(reverse(CHANGELIST), params)
