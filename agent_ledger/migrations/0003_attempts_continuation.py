@@ -21,7 +21,7 @@ def count_attempts(apps, schema_editor):  # type: ignore[no-untyped-def]
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("agent_ledger", "0001_initial"),
+        ("agent_ledger", "0002_status_labels"),
     ]
 
     operations = [
