@@ -18,7 +18,14 @@ from django.db.models import DateTimeField, DurationField, ExpressionWrapper, Va
 from django.db.models.functions import Now
 from django.test import override_settings
 
-from agent_ledger import Actor, EffectLedgerValidationError, EffectStatus, resume, services
+from agent_ledger import (
+    Actor,
+    EffectLedgerValidationError,
+    EffectStatus,
+    ToolCall,
+    resume,
+    services,
+)
 from agent_ledger import signals as ledger_signals
 from agent_ledger.models import Effect as EffectRow
 from agent_ledger.models import EffectTransition, Resumption, ResumptionStatus
@@ -407,6 +414,16 @@ def test_register_refuses_bad_names_and_non_callables() -> None:
     assert caught.value.field == "fn"
     with pytest.raises(resume.UnknownResumerError):
         resume.get_resumer("agent")
+
+
+def test_propose_refuses_a_resumer_name_no_resumption_could_store() -> None:
+    ledger = services.get_ledger()
+    call = ToolCall(tool="refund", workflow_id="wf-long", args={})
+    with pytest.raises(EffectLedgerValidationError) as caught:
+        ledger.propose_sync(call, continuation={"resumer": "r" * 256})
+    assert caught.value.field == "continuation.resumer"
+    effect = ledger.propose_sync(call, continuation={"resumer": "r" * 255})
+    assert effect.continuation == {"resumer": "r" * 255}
 
 
 def test_register_as_a_decorator_and_again() -> None:
