@@ -28,12 +28,14 @@ DATABASE_INDEPENDENT = frozenset(
         "test_example_project",
         "test_faults",
         "test_keys",
+        "test_links",
         "test_memory_store",
         "test_multiprocess",
         "test_notifier",
         "test_postgres_store",
         "test_schema_parity",
         "test_spec_examples",
+        "test_tracing",
         "test_types",
     }
 )
