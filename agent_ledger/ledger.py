@@ -288,6 +288,9 @@ class EffectLedger:
         happen meanwhile on an event loop of asgiref's (what Django's ``async_to_sync`` uses)."""
         if not callable(handler):
             raise EffectLedgerValidationError("must be callable", field="handler")
+        check = getattr(self.store, "check_sync_caller", None)
+        if check is not None:
+            check()  # a store may know the caller's thread cannot work with it (SQLite)
         if not inspect.iscoroutinefunction(handler):
             handler = sync_to_async(handler, thread_sensitive=True)
         return _blocking("run_sync", self.run, call, handler, run_options)

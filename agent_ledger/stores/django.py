@@ -1,25 +1,13 @@
 """``DjangoStore``: the store protocol on the Django ORM, for any database Django supports.
 
-Every protocol method ``x`` has a sync twin ``x_sync`` with the same arguments that holds the
-real ORM code: a transition is lock (``select_for_update()``), check, change, history row, in one
-``atomic()`` block. The sync service (admin, DRF, management commands) calls the twins on the
-request's own connection and transaction.
-
-The async methods run the twins on one bounded thread pool (``AGENT_LEDGER["ASYNC_THREADS"]``
-threads), each call wrapped in ``close_old_connections()`` as Django does around a request and
-django-tasks' worker around a task: ``CONN_MAX_AGE``, ``CONN_HEALTH_CHECKS`` and
-``OPTIONS["pool"]`` govern every connection, and with Django's default ``CONN_MAX_AGE = 0`` a
-connection lives for one call. Whatever event loops call in (one per ``asyncio.run``, per
-``async_to_sync``, per Celery task), a process holds at most that many connections, plus one
-LISTEN connection on PostgreSQL. The pool is per process; a forked child makes its own.
-
-On PostgreSQL, outside the caller's ``atomic()``, ``begin`` and ``commit`` are single statements
-(``postgres.BEGIN`` / ``postgres.COMMIT``) run through Django's own cursor: one round trip each,
-history row and NOTIFY included. Every other change sends its NOTIFY in its own transaction, so
-waiters in other processes (a worker waiting for the admin's approval) wake at once.
-
-Clocks: timestamps are the database's (``Now()``), and staleness is judged against ``Now()``
-read in the same locked query, so the clocks of many application servers do not matter.
+Every protocol method ``x`` has a sync twin ``x_sync`` holding the ORM code (a transition is
+lock with ``select_for_update()``, check, change, history row, in one ``atomic()``); the sync
+service (admin, DRF, commands) calls the twins on the request's own connection and transaction.
+The async methods run the twins on the process's bounded thread pool (``_process``), so Django's
+connection settings govern every connection. On PostgreSQL, outside the caller's ``atomic()``,
+``begin``, ``commit`` and ``release`` are single statements (``postgres.BEGIN``/``COMMIT``) run
+through Django's cursor; every change someone can wait for sends NOTIFY in its own transaction.
+Timestamps and staleness use the database clock (``Now()``), not the app servers' clocks.
 """
 
 from __future__ import annotations
@@ -44,7 +32,12 @@ from django.dispatch import Signal
 
 from .. import resume, signals
 from ..conf import ledger_settings
-from ..errors import EffectLedgerValidationError, EffectNotFoundError, EffectStoreError
+from ..errors import (
+    EffectLedgerError,
+    EffectLedgerValidationError,
+    EffectNotFoundError,
+    EffectStoreError,
+)
 from ..models import Effect as EffectRow
 from ..models import EffectTransition
 from ..types import (
@@ -161,6 +154,15 @@ class DjangoStore:
     ) -> Effect | None:
         listen(self.using)
         return await notifier.wait(effect_id, timeout_s, since)
+
+    def check_sync_caller(self) -> None:
+        """``run_sync`` in ``atomic()`` on SQLite: our writes would wait for the caller's lock."""
+        conn = connections[self.using]
+        if conn.vendor == "sqlite" and conn.in_atomic_block:
+            raise EffectLedgerError(
+                "run_sync inside transaction.atomic() cannot work on SQLite (one writer, and "
+                "your transaction holds it): call it outside the block, or use PostgreSQL"
+            )
 
     # -- sync twins: the ORM code ---------------------------------------------------------------
 
@@ -328,7 +330,6 @@ class DjangoStore:
                 return TransitionRecord(_effect(latest), changed=False)
             effect = _effect(EffectRow.objects.using(using).get(pk=current.pk))
             recorded = _record(using, effect, EffectStatus(current.status), actor, user_id, reason)
-            # A decision owes its resumer a run: the row now, in this transaction; the run later.
             resume.decided(using, effect, EffectStatus(current.status), recorded.pk)
         return TransitionRecord(effect, changed=True)
 
@@ -421,8 +422,8 @@ def _record(
     user_id: Any,
     reason: str | None,
 ) -> EffectTransition:
-    """In the caller's transaction: the history row (returned), and on PostgreSQL the NOTIFY
-    that PostgreSQL delivers to other processes when it commits. Then announce it here."""
+    """In the caller's transaction: the history row (returned) and, on PostgreSQL, the NOTIFY
+    delivered to other processes when it commits; then announce it here."""
     row = EffectTransition.objects.using(using).record(
         effect_id=uuid.UUID(effect.id),
         from_status=from_status.value if from_status is not None else None,
