@@ -10,6 +10,10 @@ Defaults (every key is optional)::
         "ASYNC_THREADS": 16,                # threads (so at most this many connections) that
                                             # DjangoStore's async methods run their queries on;
                                             # read once, when the first async call is made
+        "TOOLS": {},                        # per-tool approval policies (agent_ledger.policies)
+        "EXPIRING_NOTICE_BEFORE": 3600,     # approval_expiring this long (s) before expiry
+        "SLACK_SIGNING_SECRET": "",         # verifies the Slack interactivity endpoint
+        "SLACK_USER_LOOKUP": None,          # dotted path: fn(team_id, slack_user) -> user | None
     }
 
 Retired keys (refused by check E002 with a hint, never reused): ``PREPARE_STATEMENTS`` and
@@ -31,6 +35,10 @@ DEFAULTS: dict[str, Any] = {
     "WEBHOOK_SECRETS": {},
     "WEBHOOK_TOLERANCE_SECONDS": 300,
     "ASYNC_THREADS": 16,
+    "TOOLS": {},
+    "EXPIRING_NOTICE_BEFORE": 3600,
+    "SLACK_SIGNING_SECRET": "",
+    "SLACK_USER_LOOKUP": None,
 }
 
 #: Keys that once existed, with why they went (the check ids that validated them are retired).

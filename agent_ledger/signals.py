@@ -17,6 +17,7 @@ a receiver that raises is logged rather than undoing or failing the change.
 from django.dispatch import Signal
 
 __all__ = [
+    "approval_expiring",
     "approval_requested",
     "effect_approved",
     "effect_canceled",
@@ -37,3 +38,6 @@ effect_canceled = Signal()
 effect_succeeded = Signal()
 #: The tool ran and raised (or returned something that is not JSON); the error was stored.
 effect_failed = Signal()
+#: A pending approval expires soon (``notify_before`` of its tool's policy, or
+#: ``EXPIRING_NOTICE_BEFORE``): sent once per effect by ``agent_ledger.expiry``, for escalation.
+approval_expiring = Signal()

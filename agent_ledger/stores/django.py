@@ -158,6 +158,12 @@ class DjangoStore:
         listen(self.using)
         return await notifier.wait(effect_id, timeout_s, since)
 
+    async def expire(self, effect_id: str) -> Effect | None:
+        """Deny a pending approval past its ``expires_at`` (``agent_ledger.expiry``)."""
+        from ..expiry import expire_sync
+
+        return await in_thread(expire_sync, effect_id, using=self.using)
+
     def check_sync_caller(self) -> None:
         """``run_sync`` in ``atomic()`` on SQLite: our writes would wait for the caller's lock."""
         conn = connections[self.using]
@@ -172,7 +178,8 @@ class DjangoStore:
     def begin_sync(self, new: NewEffect) -> BeginRecord:
         using = self.using
         user_id = _user_id(new.actor)
-        if _fast_path(using):
+        # An expiring approval takes the ORM path: the single statement has no expires_at.
+        if _fast_path(using) and new.expires_after_s is None:
             from . import postgres as pg
 
             params = pg.begin_params(new, pg.actor_params(new.actor, user_id))
@@ -200,6 +207,7 @@ class DjangoStore:
                         resource_id_canonical=new.resource_id_canonical,
                         attempts=1 if new.status is EffectStatus.PROCESSING else 0,
                         continuation=new.continuation,
+                        expires_at=_expires_at(new),
                     )
             except IntegrityError as exc:
                 replayed = (
@@ -215,6 +223,8 @@ class DjangoStore:
             if not isinstance(row.created_at, datetime):
                 # Backends that cannot RETURN the db_default columns: read them back.
                 row.refresh_from_db(using=using, fields=["created_at", "updated_at"])
+            if row.expires_at is not None and not isinstance(row.expires_at, datetime):
+                row.refresh_from_db(using=using, fields=["expires_at"])  # computed by the DB
             effect = _effect(row)
             _record(using, effect, None, new.actor, user_id, None)
         return BeginRecord(effect, created=True)
@@ -407,6 +417,18 @@ def _store_errors(operation: str) -> Iterator[None]:
         raise
     except Error as exc:
         raise EffectStoreError(f"{type(exc).__name__}: {exc}", operation=operation) from exc
+
+
+def _expires_at(new: NewEffect) -> Any:
+    """``Now() + expires_after_s`` by the database clock, for a new pending approval."""
+    if new.expires_after_s is None or new.status is not EffectStatus.REQUIRES_APPROVAL:
+        return None
+    from datetime import timedelta
+
+    from django.db.models import DateTimeField, DurationField, ExpressionWrapper, Value
+
+    after = Value(timedelta(seconds=new.expires_after_s), output_field=DurationField())
+    return ExpressionWrapper(Now() + after, output_field=DateTimeField())
 
 
 # -- rows, history and announcements -------------------------------------------------------------
