@@ -112,6 +112,13 @@ def expire_locked(store: DjangoStore, row: EffectRow) -> TransitionRecord:
 
 
 def _check_decider(row: EffectRow, policy: ToolPolicy, actor: Actor, name: str, using: str) -> None:
+    if actor.label.startswith("link:") and (
+        EffectTransition.objects.using(using)
+        .filter(effect_id=row.pk, actor_label=actor.label)
+        .exists()
+    ):
+        # A signed link's nonce is its actor label: a history row with it means it was used.
+        raise DecisionRefusedError("link_used", "This link was used already.", http_status=409)
     user = None
     if actor.user_id is not None:
         user = get_user_model()._default_manager.using(using).filter(pk=actor.user_id).first()
