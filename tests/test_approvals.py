@@ -243,10 +243,23 @@ def test_edit_on_approve_supersedes_and_approves_a_linked_effect_api() -> None:
 def test_edit_refused_with_a_quorum_and_on_conflict() -> None:
     bob = approver("bob")
     effect = pending(args={"amount": 4500})
-    with settings_with({"stripe.*": {"allow_edit": True, "quorum": 2}}):
-        with pytest.raises(DecisionRefusedError, match="one approval"):
-            services.approve(effect.idem_key, actor=Actor("api", bob.pk), args={"amount": 1})
-    assert status(effect) == RA and Effect.objects.count() == 1
+    other = pending(args={"amount": 1})
+    bob_api = Actor("api", bob.pk, "bob")
+    with (
+        settings_with({"stripe.*": {"allow_edit": True, "quorum": 2}}),
+        pytest.raises(DecisionRefusedError, match="one approval"),
+    ):
+        services.approve(effect.idem_key, actor=bob_api, args={"amount": 2})
+    from agent_ledger import ToolCall, keys
+
+    key = keys.idem_key(ToolCall(workflow_id="wf-1", tool="stripe.refund", args={"amount": 1}))
+    Effect.objects.filter(pk=other.pk).update(idem_key=key)
+    with (
+        settings_with({"stripe.*": {"allow_edit": True}}),
+        pytest.raises(DecisionRefusedError, match="exists already"),
+    ):
+        services.approve(effect.idem_key, actor=bob_api, args={"amount": 1})
+    assert status(effect) == RA and Effect.objects.count() == 2
 
 
 def test_admin_edit_box_approves_edited_arguments() -> None:

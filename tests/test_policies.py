@@ -11,7 +11,7 @@ from django.test import override_settings
 
 from agent_ledger import EffectLedger, EffectLedgerOptions, MemoryStore, RunOptions, ToolCall
 from agent_ledger.checks import check_approval_settings
-from agent_ledger.policies import approval_policy, explain, expires_after, policy_for
+from agent_ledger.policies import approval_policy, expires_after, explain, policy_for
 
 
 def big_refund(args: Any) -> bool:
@@ -82,9 +82,9 @@ def test_precedence_call_then_tools_then_approval_policy_then_defaults() -> None
 
 def test_requires_approval_callable_must_return_a_bool() -> None:
     call = ToolCall(workflow_id="w", tool="x.y", args={})
-    with with_tools({"x.*": {"requires_approval": "tests.test_policies.not_bool"}}):
-        with pytest.raises(Exception, match="must return a bool"):
-            approval_policy()(call)
+    rule = {"x.*": {"requires_approval": "tests.test_policies.not_bool"}}
+    with with_tools(rule), pytest.raises(Exception, match="must return a bool"):
+        approval_policy()(call)
 
 
 def test_expires_after_from_timedelta_or_seconds() -> None:
