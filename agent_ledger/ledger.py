@@ -566,9 +566,17 @@ class EffectLedger:
                 raise EffectFailedError(
                     effect.idem_key, effect.error or EffectError("failed", code=None)
                 )
-            if status is EffectStatus.CANCELED and effect.superseded_by is not None:
+            if (
+                status is EffectStatus.CANCELED
+                and effect.error
+                and effect.error.code == "superseded"
+            ):
                 # An approver edited the arguments: the edited call's outcome is this call's.
-                edited = await self.store.get(effect.superseded_by)
+                target = effect.superseded_by
+                if target is None:  # a single-statement read (PostgreSQL's) leaves it out
+                    current = await self.store.get(effect.id)
+                    target = current.superseded_by if current is not None else None
+                edited = await self.store.get(target) if target is not None else None
                 if edited is not None:
                     effect = edited
                     continue
