@@ -523,7 +523,7 @@ class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             )
             self.log_change(request, effect, message)
         note = ""
-        if record.changed and record.approvals < record.quorum:
+        if record.short_of_quorum:
             note = _("Your approval of %(tool)s is recorded: %(given)d of %(needed)d.") % {
                 "tool": effect.tool,
                 "given": record.approvals,

@@ -46,6 +46,11 @@ class DecisionRecord(TransitionRecord):
     quorum: int = 1
     edited: Effect | None = None
 
+    @property
+    def short_of_quorum(self) -> bool:
+        """An approval was recorded and the effect still waits for more."""
+        return self.changed and 0 < self.approvals < self.quorum
+
 
 def decide(
     name: str,
@@ -121,8 +126,10 @@ def _check_decider(row: EffectRow, policy: ToolPolicy, actor: Actor, name: str, 
         raise DecisionRefusedError("link_used", "This link was used already.", http_status=409)
     user = None
     if actor.user_id is not None:
+        # No such user (a worker's actor, a deleted account): a person without a user here,
+        # whom a policy naming a group or a permission refuses below.
         user = get_user_model()._default_manager.using(using).filter(pk=actor.user_id).first()
-        if user is None or not user.is_active or not user.has_perm(APPROVE_PERMISSION):
+        if user is not None and (not user.is_active or not user.has_perm(APPROVE_PERMISSION)):
             raise DecisionRefusedError("not_permitted", "You may not decide effects.")
     if policy.permission and (user is None or not user.has_perm(policy.permission)):
         raise DecisionRefusedError(

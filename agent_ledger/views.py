@@ -74,7 +74,7 @@ def approval_link_view(request: HttpRequest, token: str) -> HttpResponse:
     if not record.changed:
         return _page(request, effect, "This effect is not awaiting approval.", 409)
     done = PAST[decision]
-    if record.approvals < record.quorum:
+    if record.short_of_quorum:
         done = f"approval {record.approvals} of {record.quorum} recorded"
     return _page(request, effect, "", 200, done=done)
 
@@ -129,6 +129,8 @@ def slack_actions(request: HttpRequest) -> HttpResponse:
     user = import_string(lookup)(team, slack_user) if lookup else None
     if user is None:
         return JsonResponse({"error": "Your Slack user is not linked to a user here."}, status=403)
+    if not user.is_active or not user.has_perm(APPROVE_PERMISSION):
+        return JsonResponse({"error": "You may not decide effects."}, status=403)
     name = slack_user.get("username") or slack_user.get("name") or slack_user.get("id", "")
     actor = Actor(f"slack:{team}"[:100], user.pk, user.get_username())
     try:
@@ -147,7 +149,7 @@ def slack_actions(request: HttpRequest) -> HttpResponse:
             {"error": "Not awaiting approval.", "status": record.effect.status.value}, status=409
         )
     outcome = f"{PAST[decision]} by {user.get_username()}"
-    if record.approvals < record.quorum:
+    if record.short_of_quorum:
         # Still waiting for others: keep the buttons, say who approved.
         message = slack.approval_message(effect)
         message["replace_original"] = True

@@ -45,7 +45,8 @@ def test_deny_button() -> None:
     approver("bob")
     effect = pending()
     with settings_with():
-        assert slack_post(effect, "bob", "deny").status_code == 200
+        response = slack_post(effect, "bob", "deny")
+    assert response.status_code == 200 and "denied by bob" in response.json()["text"]
     row = Effect.objects.get(pk=effect.pk)
     assert row.status == EffectStatus.DENIED and "Slack" in row.error["message"]
 

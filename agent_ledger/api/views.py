@@ -232,7 +232,7 @@ class WebhookView(APIView):
         except DecisionRefusedError as exc:
             return refused(exc)
         if record.changed:
-            short = getattr(record, "approvals", 1) < getattr(record, "quorum", 1)
+            short = getattr(record, "short_of_quorum", False)
             return self._answer("approval recorded" if short else PAST[decision], record)
         if _already(decision, effect.pk, record):
             return self._answer(f"already {PAST[decision]}", record)
