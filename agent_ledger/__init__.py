@@ -18,6 +18,7 @@ from .errors import (
 )
 from .hooks import LedgerHooks
 from .ledger import EffectLedger, EffectLedgerOptions
+from .requester import requested_by
 from .stores.base import EffectStore
 from .stores.memory import MemoryStore
 from .types import (
@@ -79,6 +80,7 @@ __all__ = [
     "ToolCall",
     "Transition",
     "ledgered",
+    "requested_by",
     "urls_for",
     "workflow",
 ]

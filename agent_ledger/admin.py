@@ -43,7 +43,8 @@ from django.utils.translation import ngettext
 from django.views.decorators.http import require_POST
 
 from . import resume, services
-from .errors import EffectLedgerValidationError, EffectNotFoundError
+from .approvals import describe_diff
+from .errors import DecisionRefusedError, EffectLedgerValidationError, EffectNotFoundError
 from .models import (
     RESUMING_LABEL,
     Effect,
@@ -55,6 +56,7 @@ from .models import (
     last_decision,
     status_label,
 )
+from .policies import explain, policy_for
 from .types import Actor
 
 #: Longest JSON text the detail page shows in full; larger values are cut with a note.
@@ -430,7 +432,10 @@ class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 "requested_by": asked.actor_display if asked is not None else "-",
                 "since": format_when(since),
                 "waited": format_duration(timezone.now() - since),
+                **_policy_desk(effect, rows),
             }
+        elif effect.superseded_by is not None:
+            context["superseded"] = _superseded(effect, self)
         elif effect.status == EffectStatus.READY:
             decision = last_decision(effect)
             context["next_step"] = {
@@ -515,10 +520,19 @@ class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         if decision == "deny" and reason is None:
             self.message_user(request, _("Give a reason to deny an effect."), messages.ERROR)
             return here
-        outcome = self._decide(request, effect, decision, reason)
+        args = None
+        if decision == "approve" and request.POST.get("args", "").strip():
+            try:
+                args = json.loads(request.POST["args"])
+            except ValueError:
+                self.message_user(request, _("The arguments are not valid JSON."), messages.ERROR)
+                return here
+        outcome = self._decide(request, effect, decision, reason, args)
         if outcome is None:
             return here
-        if outcome.changed:
+        if outcome.note:
+            self.message_user(request, outcome.note, messages.SUCCESS)
+        elif outcome.changed:
             done = _("Approved") if decision == "approve" else _("Denied")
             # Read again: an approval with a resumer reads "approved, resuming" until it ran.
             now = Effect.objects.get(pk=effect.pk).shown_status()
@@ -532,17 +546,32 @@ class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         return here
 
     def _decide(
-        self, request: HttpRequest, effect: Effect, decision: str, reason: str | None
+        self,
+        request: HttpRequest,
+        effect: Effect,
+        decision: str,
+        reason: str | None,
+        args: Any = None,
     ) -> Outcome | None:
-        """Apply one decision through the service; None (and a message) on error."""
-        decide = services.approve if decision == "approve" else services.deny
+        """Apply one decision through the service (the tool's policy applies); None (and a
+        message) on error or refusal."""
         try:
-            record = decide(effect.idem_key, actor=self.actor(request), reason=reason)
+            if decision == "approve":
+                record = services.approve(
+                    effect.idem_key, actor=self.actor(request), reason=reason, args=args
+                )
+            else:
+                record = services.deny(effect.idem_key, actor=self.actor(request), reason=reason)
         except EffectNotFoundError:
             self.message_user(request, _("That effect no longer exists."), messages.ERROR)
             return None
         except EffectLedgerValidationError as exc:
             self.message_user(request, str(exc), messages.ERROR)
+            return None
+        except DecisionRefusedError as exc:
+            self.message_user(
+                request, f"{effect.tool} in {effect.workflow_id}: {exc}", messages.ERROR
+            )
             return None
         status = record.effect.status.value
         if record.changed:
@@ -552,7 +581,19 @@ class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 f": {reason}" if reason else ""
             )
             self.log_change(request, effect, message)
-        return Outcome(record.changed, status)
+        note = ""
+        if record.short_of_quorum:
+            note = _("Your approval of %(tool)s is recorded: %(given)d of %(needed)d.") % {
+                "tool": effect.tool,
+                "given": record.approvals,
+                "needed": record.quorum,
+            }
+        elif record.edited is not None:
+            note = _("Approved %(tool)s with edited arguments (effect %(id)s).") % {
+                "tool": effect.tool,
+                "id": record.edited.id,
+            }
+        return Outcome(record.changed, status, note)
 
     # -- bulk actions: both confirm first ------------------------------------------------------
 
@@ -613,7 +654,9 @@ class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
             outcome = self._decide(request, effect, decision, reason)
             if outcome is None:
                 continue
-            if outcome.changed:
+            if outcome.note:
+                self.message_user(request, outcome.note, messages.SUCCESS)
+            elif outcome.changed:
                 changed += 1
             else:
                 already.append(already_decided(effect, outcome))
@@ -743,10 +786,58 @@ class Outcome:
 
     changed: bool
     status: str
+    #: What to tell the decider instead of "Approved": quorum progress, an edit.
+    note: str = ""
 
     @property
     def status_label(self) -> str:
         return status_label(self.status)
+
+
+def _policy_desk(effect: Effect, rows: list[EffectTransition]) -> dict[str, Any]:
+    """The tool's policy for the decider: "needs 2 of group Finance; expires in 3 h", the
+    approvals given so far, the edit box, and where an edited effect came from."""
+    policy = policy_for(effect.tool)
+    given = [
+        r
+        for r in rows
+        if r.from_status == EffectStatus.REQUIRES_APPROVAL
+        and r.to_status == EffectStatus.REQUIRES_APPROVAL
+    ]
+    desk: dict[str, Any] = {
+        "policy": explain(
+            policy, approvals=len(given), expires_at=effect.expires_at, now=timezone.now()
+        ),
+        "quorum": policy.quorum,
+        "approvals": given,
+        "approvers": ", ".join(r.actor_display for r in given),
+    }
+    if policy.allow_edit and policy.quorum == 1:
+        desk["editable_args"] = json.dumps(effect.args, indent=2, ensure_ascii=False)
+    origin = Effect.objects.filter(superseded_by=effect.pk).first()
+    if origin is not None:
+        desk["edited_from"] = _("Arguments edited from effect %(id)s: %(diff)s") % {
+            "id": origin.pk,
+            "diff": describe_diff(origin.args, effect.args),
+        }
+    return desk
+
+
+def _superseded(effect: Effect, model_admin: Any) -> dict[str, Any]:
+    """The superseded effect's pointer to the edited one, with who edited what."""
+    new_pk = effect.superseded_by
+    assert new_pk is not None
+    edited = Effect.objects.filter(pk=new_pk).first()
+    decision = last_decision(effect)
+    opts = model_admin.opts
+    return {
+        "by": decision.actor_display if decision else "-",
+        "diff": describe_diff(effect.args, edited.args) if edited else "-",
+        "url": reverse(
+            f"{model_admin.admin_site.name}:{opts.app_label}_{opts.model_name}_change",
+            args=(quote(new_pk),),
+        ),
+    }
 
 
 def already_decided(effect: Effect, outcome: Outcome) -> str:

@@ -1,6 +1,7 @@
 """System checks for ``AGENT_LEDGER``: misconfiguration fails at startup, not at the first call.
 
 Ids are ``agent_ledger.E001``... (errors) and ``agent_ledger.W001``... (warnings); never reuse one.
+E030-E039: per-tool policies, expiry notices and Slack (``check_approval_settings``).
 Retired: E009 (``PREPARE_STATEMENTS``) and E010 (``REPLAY_COUNT_DELAY_SECONDS``).
 E020..E029 are the resume settings' (``agent_ledger.resume``).
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
+from django.utils.module_loading import import_string
 
 from .conf import DEFAULTS, MIN_WEBHOOK_SECRET_LENGTH, RESUME_BACKENDS, RETIRED
 
@@ -205,3 +207,72 @@ def _check_sqlite(alias: str, config: Mapping[str, Any]) -> list[CheckMessage]:
             )
         )
     return warnings
+
+
+_POLICY_HINTS = {
+    "E030": 'TOOLS maps tool-name patterns to dicts, e.g. {"stripe.*": {"quorum": 2}}.',
+    "E031": "Known keys: requires_approval, permission, group, quorum, expires_after, "
+    "notify_before, allow_edit, allow_self_approval, redact.",
+    "E032": 'True, False, or the dotted path of a callable of the args ("myapp.rules.big").',
+    "E033": 'A permission is "app_label.codename"; a group is the name of a Group.',
+    "E034": "The number of distinct approvers needed (1 is one approver).",
+    "E035": "For example timedelta(hours=3) or 10800.",
+    "E036": "True or False.",
+}
+
+
+@register()
+def check_approval_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """``TOOLS``, expiry notices and Slack: ids agent_ledger.E030-E039."""
+    from .policies import as_timedelta, problems
+
+    value = getattr(settings, "AGENT_LEDGER", {})
+    if not isinstance(value, dict):
+        return []  # E001 says so
+    errors: list[CheckMessage] = [
+        Error(
+            f"AGENT_LEDGER['TOOLS']: {message}.",
+            hint=_POLICY_HINTS[code],
+            id=f"agent_ledger.{code}",
+        )
+        for code, message in problems(value.get("TOOLS", {}))
+    ]
+    notice = value.get("EXPIRING_NOTICE_BEFORE", DEFAULTS["EXPIRING_NOTICE_BEFORE"])
+    if as_timedelta(notice) is None:
+        errors.append(
+            Error(
+                "AGENT_LEDGER['EXPIRING_NOTICE_BEFORE'] must be a positive timedelta or seconds.",
+                hint=f"Got {notice!r}; the default is 3600 (an hour).",
+                id="agent_ledger.E035",
+            )
+        )
+    secret = value.get("SLACK_SIGNING_SECRET", "")
+    if not isinstance(secret, str) or (secret and len(secret) < MIN_WEBHOOK_SECRET_LENGTH):
+        errors.append(
+            Error(
+                "AGENT_LEDGER['SLACK_SIGNING_SECRET'] must be empty (no Slack) or the app's "
+                f"signing secret ({MIN_WEBHOOK_SECRET_LENGTH}+ characters).",
+                hint='For example os.environ["SLACK_SIGNING_SECRET"] (Basic Information page).',
+                id="agent_ledger.E037",
+            )
+        )
+    lookup = value.get("SLACK_USER_LOOKUP")
+    if lookup is not None:
+        problem = None
+        if not isinstance(lookup, str):
+            problem = f"must be a dotted path, got {type(lookup).__name__}"
+        else:
+            try:
+                if not callable(import_string(lookup)):
+                    problem = f"{lookup} is not callable"
+            except ImportError as exc:
+                problem = f"cannot import {lookup}: {exc}"
+        if problem:
+            errors.append(
+                Error(
+                    f"AGENT_LEDGER['SLACK_USER_LOOKUP'] {problem}.",
+                    hint="The dotted path of fn(team_id, slack_user) -> a user or None.",
+                    id="agent_ledger.E038",
+                )
+            )
+    return errors

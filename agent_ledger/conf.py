@@ -18,6 +18,10 @@ Defaults (every key is optional)::
         "RESUME_RETRY_MAX_DELAY_SECONDS": 3600,  # ... up to this
         "RESUME_STALE_SECONDS": 600,        # a resumption "running" this long lost its worker;
                                             # the sweep makes it pending again
+        "TOOLS": {},                        # per-tool approval policies (agent_ledger.policies)
+        "EXPIRING_NOTICE_BEFORE": 3600,     # approval_expiring this long (s) before expiry
+        "SLACK_SIGNING_SECRET": "",         # verifies the Slack interactivity endpoint
+        "SLACK_USER_LOOKUP": None,          # dotted path: fn(team_id, slack_user) -> user | None
     }
 
 Retired keys (refused by check E002 with a hint, never reused): ``PREPARE_STATEMENTS`` and
@@ -44,6 +48,10 @@ DEFAULTS: dict[str, Any] = {
     "RESUME_RETRY_DELAY_SECONDS": 10,
     "RESUME_RETRY_MAX_DELAY_SECONDS": 3600,
     "RESUME_STALE_SECONDS": 600,
+    "TOOLS": {},
+    "EXPIRING_NOTICE_BEFORE": 3600,
+    "SLACK_SIGNING_SECRET": "",
+    "SLACK_USER_LOOKUP": None,
 }
 
 #: ``RESUME_BACKEND`` values, and the module each needs (None: none).

@@ -87,7 +87,17 @@ def ledgered(
             )
 
         def body(args: tuple[Any, ...], kwargs: dict[str, Any], effect: Effect) -> Any:
-            return function(*args, **kwargs, **({"effect": effect} if wants_effect else {}))
+            extra = {"effect": effect} if wants_effect else {}
+            if _edited(effect, args, kwargs):
+                # An approver edited the arguments (a policy's allow_edit): run with theirs.
+                return function(**effect.args, **extra)
+            return function(*args, **kwargs, **extra)
+
+        def _edited(effect: Effect, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+            from .keys import canonical_json
+
+            given = tool_call(*args, **kwargs).args
+            return canonical_json(given, "args") != effect.args_canonical
 
         if inspect.iscoroutinefunction(function):
 

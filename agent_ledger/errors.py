@@ -36,11 +36,19 @@ class EffectDeniedError(EffectLedgerError):
     """The effect was denied by a human or canceled; the tool never ran (or must not run again)."""
 
     def __init__(
-        self, idem_key: str, reason: str | None = None, *, status: EffectStatus | None = None
+        self,
+        idem_key: str,
+        reason: str | None = None,
+        *,
+        status: EffectStatus | None = None,
+        code: str | None = None,
     ) -> None:
         self.idem_key = idem_key
         self.reason = reason
         self.status = status
+        #: The stored error's code: "denied", "canceled", "expired" (an approval nobody gave
+        #: in time), "superseded" (replaced by an edited call that could not be followed).
+        self.code = code
         what = status.value if status is not None else "denied"
         super().__init__(f"effect {idem_key} was {what}" + (f": {reason}" if reason else ""))
 
@@ -98,3 +106,15 @@ class SyncCallInEventLoopError(EffectLedgerError, RuntimeError):
         super().__init__(
             f"{method}() was called from a running event loop; use 'await ledger.{async_name}(...)'"
         )
+
+
+class DecisionRefusedError(EffectLedgerError):
+    """A decision the effect's policy does not allow (``agent_ledger.approvals``): nothing was
+    changed, except that an expired approval is recorded as denied. ``code`` names the rule
+    (``expired``, ``self_approval``, ``not_permitted``, ``already_approved``, ``edit_not_allowed``,
+    ``link_used`` ...); ``http_status`` is what a view answers (403 or 409)."""
+
+    def __init__(self, code: str, message: str, *, http_status: int = 403) -> None:
+        self.code = code
+        self.http_status = http_status
+        super().__init__(message)

@@ -34,6 +34,7 @@ from .errors import (
     SyncCallInEventLoopError,
 )
 from .hooks import LedgerHooks, call_hook
+from .requester import current_requester
 from .stores.base import EffectStore, NewEffect
 from .types import (
     DEFAULT_MAX_ARGS_SIZE_BYTES,
@@ -82,7 +83,10 @@ class EffectLedgerOptions:
     hooks: LedgerHooks | None = None
     #: ``policy(call) -> bool``: whether a call needs approval when its own ``RunOptions`` do
     #: not say. Wins over ``defaults.requires_approval``; a call's explicit value wins over it.
-    approval_policy: Callable[[ToolCall], bool] | None = None
+    approval_policy: Callable[[ToolCall], bool | None] | None = None
+    #: ``expires_after(call) -> seconds | None``: how long a new pending approval of the call
+    #: may wait before it is denied as ``expired`` (on stores that keep ``expires_at``).
+    expires_after: Callable[[ToolCall], float | None] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.store, EffectStore):
@@ -99,6 +103,8 @@ class EffectLedgerOptions:
         require_instance(self.hooks, LedgerHooks, "hooks")
         if self.approval_policy is not None and not callable(self.approval_policy):
             raise EffectLedgerValidationError("must be callable", field="approval_policy")
+        if self.expires_after is not None and not callable(self.expires_after):
+            raise EffectLedgerValidationError("must be callable", field="expires_after")
 
 
 class EffectLedger:
@@ -372,6 +378,9 @@ class EffectLedger:
         resource = keys.resource_canonical(call.resource) if call.resource is not None else None
         if continuation is not None:
             continuation = self._continuation(continuation)
+        expires_after_s = None
+        if status is REQUIRES_APPROVAL and self._options.expires_after is not None:
+            expires_after_s = self._options.expires_after(call)
         return NewEffect(
             id=str(uuid.uuid4()),
             idem_key=keys.idem_key(call, args_canonical),
@@ -381,8 +390,10 @@ class EffectLedger:
             status=status,
             args_canonical=args_canonical,
             resource_id_canonical=resource,
-            actor=SYSTEM,
+            # The first history row's actor is the effect's requester (four eyes).
+            actor=current_requester() or SYSTEM,
             continuation=continuation,
+            expires_after_s=expires_after_s,
         )
 
     def _continuation(self, value: Any) -> Any:
@@ -406,11 +417,13 @@ class EffectLedger:
         return copy
 
     def _requires_approval(self, call: ToolCall, options: _Resolved) -> bool:
-        """The call's own say, else the ledger's policy, else its defaults."""
+        """The call's own say, else the ledger's policy (None: no say), else its defaults."""
         policy = self._options.approval_policy
         if options.explicit_approval or policy is None:
             return options.requires_approval
         decided = policy(call)
+        if decided is None:
+            return options.requires_approval
         if not isinstance(decided, bool):
             raise EffectLedgerValidationError(
                 f"must return a bool, returned {type(decided).__name__}", field="approval_policy"
@@ -559,9 +572,31 @@ class EffectLedger:
                 raise EffectFailedError(
                     effect.idem_key, effect.error or EffectError("failed", code=None)
                 )
+            if (
+                status is EffectStatus.CANCELED
+                and effect.error
+                and effect.error.code == "superseded"
+            ):
+                # An approver edited the arguments: the edited call's outcome is this call's.
+                target = effect.superseded_by
+                if target is None:  # a single-statement read (PostgreSQL's) leaves it out
+                    current = await self.store.get(effect.id)
+                    target = current.superseded_by if current is not None else None
+                edited = await self.store.get(target) if target is not None else None
+                if edited is not None:
+                    effect = edited
+                    continue
             if status in (EffectStatus.DENIED, EffectStatus.CANCELED):
                 reason = effect.error.message if effect.error else None
-                raise EffectDeniedError(effect.idem_key, reason, status=status)
+                code = effect.error.code if effect.error else None
+                raise EffectDeniedError(effect.idem_key, reason, status=status, code=code)
+            if _expired(effect):
+                # Fails closed before any sweep ran: the store denies it by its own clock.
+                expire = getattr(self.store, "expire", None)
+                expired = await expire(effect.id) if expire is not None else None
+                if expired is not None:
+                    effect = expired
+                    continue
             if handler is not None and (
                 status is EffectStatus.READY or _looks_stale(effect, options.stale.after_ms)
             ):
@@ -778,6 +813,16 @@ def _error_of(exc: BaseException) -> EffectError:
 def _code_of(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
     return code if isinstance(code, str) and code else type(exc).__name__
+
+
+def _expired(effect: Effect) -> bool:
+    """A local guess that a pending approval has expired; the store decides by its clock."""
+    expires_at = effect.expires_at
+    return (
+        effect.status is REQUIRES_APPROVAL
+        and expires_at is not None
+        and datetime.now(timezone.utc) >= expires_at
+    )
 
 
 def _looks_stale(effect: Effect, after_ms: float) -> bool:

@@ -121,6 +121,13 @@ class Effect(models.Model):
     attempts = models.IntegerField(default=0, db_default=0)
     #: What resumes the agent when a human decides: ``{"resumer": name, ...}``.
     continuation = models.JSONField(null=True, blank=True)
+    #: A pending approval past this (database clock) is denied with code ``expired``
+    #: (``agent_ledger.expiry``); set from the tool's policy when the effect is created.
+    expires_at = models.DateTimeField(null=True, blank=True)
+    #: When ``approval_expiring`` was sent for this effect (it is sent once).
+    expiring_notified_at = models.DateTimeField(null=True, blank=True)
+    #: The effect that replaced this one when an approver edited its arguments.
+    superseded_by = models.UUIDField(null=True, blank=True)
     created_at = models.DateTimeField(db_default=Now())
     updated_at = models.DateTimeField(db_default=Now())
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -142,6 +149,12 @@ class Effect(models.Model):
                 fields=["status", "updated_at"],
                 name="agent_ledger_active",
                 condition=models.Q(status__in=_ACTIVE),
+            ),
+            # The expiry sweep's query: pending approvals that can expire, soonest first.
+            models.Index(
+                fields=["expires_at"],
+                name="agent_ledger_expiring",
+                condition=models.Q(status="requires_approval", expires_at__isnull=False),
             ),
         ]
         constraints = [
@@ -218,7 +231,9 @@ def effect_timing(effect: Effect, now: datetime) -> Timing:
     asked = decided = claimed = None
     for row in effect.transitions.all():
         if row.to_status == EffectStatus.REQUIRES_APPROVAL:
-            asked, decided = row.at, None
+            # requires_approval -> requires_approval is one approval of a quorum: still asking.
+            if row.from_status != EffectStatus.REQUIRES_APPROVAL:
+                asked, decided = row.at, None
         elif row.from_status == EffectStatus.REQUIRES_APPROVAL:
             decided = row.at
         if row.to_status == EffectStatus.PROCESSING:
@@ -244,6 +259,7 @@ def last_decision(effect: Effect) -> EffectTransition | None:
         EffectTransition.objects.filter(
             effect_id=effect.pk, from_status=EffectStatus.REQUIRES_APPROVAL
         )
+        .exclude(to_status=EffectStatus.REQUIRES_APPROVAL)
         .order_by("-at", "-id")
         .first()
     )

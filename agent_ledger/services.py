@@ -14,6 +14,8 @@ from typing import Any
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
+from . import policies
+from .approvals import DecisionRecord, decide
 from .conf import ledger_settings
 from .errors import EffectLedgerValidationError
 from .ledger import EffectLedger, EffectLedgerOptions, decision_request
@@ -37,6 +39,9 @@ def get_ledger() -> EffectLedger:
                     EffectLedgerOptions(
                         store=DjangoStore(),
                         max_args_size_bytes=ledger_settings.MAX_ARGS_SIZE_BYTES,
+                        # AGENT_LEDGER["TOOLS"]: which calls need approval, and for how long.
+                        approval_policy=policies.approval_policy(),
+                        expires_after=policies.expires_after,
                     )
                 )
     return _ledger
@@ -50,14 +55,22 @@ def _forget_ledger(*, setting: str, **kwargs: Any) -> None:
         _ledger = None
 
 
-def approve(idem_key: str, *, actor: Actor, reason: str | None = None) -> TransitionRecord:
-    """``requires_approval -> ready``; ``changed`` is False when it was already decided."""
-    return _decide("approve", idem_key, actor, reason)
+def approve(
+    idem_key: str, *, actor: Actor, reason: str | None = None, args: Any = None
+) -> DecisionRecord:
+    """``requires_approval -> ready`` under the tool's policy (``agent_ledger.approvals``):
+    ``changed`` is False when it was already decided; an approval short of the quorum is
+    recorded (``changed``) and leaves it waiting. ``args``: approve edited arguments.
+    Raises ``DecisionRefusedError`` when the policy refuses this decider."""
+    _no_nul(reason)
+    return decide("approve", idem_key, actor=actor, reason=reason, args=args)
 
 
-def deny(idem_key: str, *, actor: Actor, reason: str | None = None) -> TransitionRecord:
-    """``requires_approval -> denied``; ``changed`` is False when it was already decided."""
-    return _decide("deny", idem_key, actor, reason)
+def deny(idem_key: str, *, actor: Actor, reason: str | None = None) -> DecisionRecord:
+    """``requires_approval -> denied`` under the tool's policy; ``changed`` is False when it
+    was already decided. Raises ``DecisionRefusedError`` when the policy refuses this decider."""
+    _no_nul(reason)
+    return decide("deny", idem_key, actor=actor, reason=reason)
 
 
 def cancel(idem_key: str, *, actor: Actor, reason: str | None = None) -> TransitionRecord:
@@ -65,9 +78,13 @@ def cancel(idem_key: str, *, actor: Actor, reason: str | None = None) -> Transit
     return _decide("cancel", idem_key, actor, reason)
 
 
-def _decide(name: str, idem_key: str, actor: Actor, reason: str | None) -> TransitionRecord:
+def _no_nul(reason: str | None) -> None:
     if reason is not None and "\x00" in reason:
         # PostgreSQL text cannot hold NUL: refuse it here rather than fail in the INSERT.
         raise EffectLedgerValidationError("must not contain NUL characters", field="reason")
+
+
+def _decide(name: str, idem_key: str, actor: Actor, reason: str | None) -> TransitionRecord:
+    _no_nul(reason)
     request = decision_request(name, idem_key, actor=actor, reason=reason)
     return DjangoStore().transition_sync(idem_key, **request)

@@ -17,6 +17,7 @@ a receiver that raises is logged rather than undoing or failing the change.
 from django.dispatch import Signal
 
 __all__ = [
+    "approval_expiring",
     "approval_requested",
     "effect_approved",
     "effect_canceled",
@@ -48,3 +49,7 @@ effect_failed = Signal()
 resume_done = Signal()
 #: A resumer raised; also ``error`` (text) and ``final`` (True when no retry is scheduled).
 resume_failed = Signal()
+
+#: A pending approval expires soon (``notify_before`` of its tool's policy, or
+#: ``EXPIRING_NOTICE_BEFORE``): sent once per effect by ``agent_ledger.expiry``, for escalation.
+approval_expiring = Signal()

@@ -356,6 +356,10 @@ class Effect:
     attempts: int = 0
     #: What resumes the agent when a human decides (``{"resumer": name, ...}``), or None.
     continuation: JsonValue = None
+    #: When a pending approval of this effect expires (denied, code ``expired``), or None.
+    expires_at: datetime | None = None
+    #: The id of the effect that replaced this one when an approver edited its arguments.
+    superseded_by: str | None = None
 
     @property
     def args(self) -> Any:

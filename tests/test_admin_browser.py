@@ -378,3 +378,45 @@ def test_bulk_approve_shows_what_is_approved_first(
             pk__in=[ledger_rows["deploy"].pk, ledger_rows["refund"].pk]
         ).values_list("status", flat=True)
     ) == {EffectStatus.READY}
+
+
+def test_policy_desk_quorum_four_eyes_and_edit(page: Any, live_server: Any) -> None:
+    """The tool's policy in the browser: the explanation line, "1 of 2", the requester's own
+    approval refused, and an approval with edited arguments (the diff on the new effect)."""
+    from django.test import override_settings
+
+    from agent_ledger.models import EffectTransition
+
+    expect = playwright_sync.expect
+    alice, bob = make_user("alice", VIEW, APPROVE), make_user("bob", VIEW, APPROVE)
+    quorum = make_effect(tool="stripe.refund", args={"amount": 4500})
+    EffectTransition.objects.filter(effect=quorum).update(
+        actor_label="user", actor_user_id=alice.pk, actor_name="alice"
+    )
+    tools = {"stripe.refund": {"quorum": 2}, "crm.*": {"allow_edit": True}}
+    with override_settings(AGENT_LEDGER={"TOOLS": tools}):
+        log_in(page, live_server, "alice")
+        page.goto(detail_url(live_server, quorum))
+        expect(page.locator("#agent-ledger-policy")).to_contain_text("needs 2 approvers")
+        page.get_by_role("button", name="Approve").click()
+        expect(page.locator("ul.messagelist")).to_contain_text("four eyes")
+        assert Effect.objects.get(pk=quorum.pk).status == EffectStatus.REQUIRES_APPROVAL
+
+        page.context.clear_cookies()
+        log_in(page, live_server, "bob")
+        page.goto(detail_url(live_server, quorum))
+        page.get_by_role("button", name="Approve").click()
+        expect(page.locator("ul.messagelist")).to_contain_text("1 of 2")
+        expect(page.locator("#agent-ledger-approvals")).to_contain_text("1 of 2 approvals")
+        screenshot(page, "admin-quorum.png")
+
+        edit = make_effect(tool="crm.update", args={"email": "dana@exmaple.com"})
+        page.goto(detail_url(live_server, edit))
+        page.locator("details.agent-ledger-edit summary").click()
+        page.fill("#agent-ledger-edit-args", '{"email": "dana@example.com"}')
+        page.get_by_role("button", name="Approve").click()
+        expect(page.locator("ul.messagelist")).to_contain_text("edited arguments")
+        expect(page.locator("#agent-ledger-superseded")).to_contain_text("dana@example.com")
+        page.locator("#agent-ledger-superseded a").click()
+        expect(page.locator("#agent-ledger-next")).to_be_visible()
+    assert bob is not None

@@ -5,6 +5,7 @@ from django.urls import include, path
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("api/ledger/", include("agent_ledger.api.urls")),
+    path("ledger/", include("agent_ledger.urls")),
 ]
 
 

@@ -132,11 +132,13 @@ class DecisionOutcomeSerializer(serializers.Serializer):
 
 
 class DecisionSerializer(StrictSerializer):
-    """The body of ``POST .../approve/`` and ``.../deny/``: an optional reason."""
+    """The body of ``POST .../approve/`` and ``.../deny/``: an optional reason; on approve,
+    optional edited ``args`` (where the tool's policy has ``allow_edit``)."""
 
     reason = StrictCharField(
         required=False, allow_null=True, allow_blank=True, max_length=MAX_REASON_LENGTH
     )
+    args = serializers.DictField(required=False)
 
     def validate_reason(self, value: str | None) -> str | None:
         return (value.strip() or None) if value is not None else None

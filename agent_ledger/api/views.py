@@ -22,7 +22,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from .. import services
-from ..errors import EffectLedgerValidationError, EffectNotFoundError
+from ..errors import DecisionRefusedError, EffectLedgerValidationError, EffectNotFoundError
 from ..models import Effect, EffectStatus, EffectTransition
 from ..stores.base import TransitionRecord
 from ..types import Actor
@@ -152,14 +152,22 @@ class EffectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         actor = Actor("api", user_id=request.user.pk, name=request.user.get_username())
+        data = serializer.validated_data
+        extra = {}
+        if "args" in data:
+            if decision != "approve":
+                return Response({"args": ["Only an approval may edit the arguments."]}, 400)
+            extra["args"] = data["args"]
         try:
             record = DECIDE[decision](
-                effect.idem_key, actor=actor, reason=serializer.validated_data.get("reason")
+                effect.idem_key, actor=actor, reason=data.get("reason"), **extra
             )
         except EffectNotFoundError:
             return Response({"detail": "Not found."}, status=status.HTTP_404_NOT_FOUND)
         except EffectLedgerValidationError as exc:
             return Response({exc.field or "detail": [str(exc)]}, status=400)
+        except DecisionRefusedError as exc:
+            return refused(exc)
         if not record.changed:
             return Response(
                 {
@@ -170,11 +178,13 @@ class EffectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
                 status=status.HTTP_409_CONFLICT,
             )
         context = self.get_serializer_context()
+        governance = _governance(record)
         if not request.user.has_perm(VIEW_PERMISSION):
             # May decide, may not read: the outcome, never the args, result or history.
-            return Response(DecisionOutcomeSerializer(record.effect, context=context).data)
+            outcome = DecisionOutcomeSerializer(record.effect, context=context).data
+            return Response({**outcome, **governance})
         fresh = Effect.objects.with_history().get(pk=effect.pk)
-        return Response(EffectDetailSerializer(fresh, context=context).data)
+        return Response({**EffectDetailSerializer(fresh, context=context).data, **governance})
 
 
 class WebhookView(APIView):
@@ -219,8 +229,11 @@ class WebhookView(APIView):
             return Response({"detail": "No such effect."}, status=status.HTTP_404_NOT_FOUND)
         except EffectLedgerValidationError as exc:
             return Response({exc.field or "detail": [str(exc)]}, status=400)
+        except DecisionRefusedError as exc:
+            return refused(exc)
         if record.changed:
-            return self._answer(PAST[decision], record)
+            short = getattr(record, "short_of_quorum", False)
+            return self._answer("approval recorded" if short else PAST[decision], record)
         if _already(decision, effect.pk, record):
             return self._answer(f"already {PAST[decision]}", record)
         return Response(
@@ -242,8 +255,27 @@ class WebhookView(APIView):
                 "status": record.effect.status.value,
                 "effect_id": record.effect.id,
                 "idem_key": record.effect.idem_key,
+                **_governance(record),
             }
         )
+
+
+def refused(exc: DecisionRefusedError) -> Response:
+    """A decision the tool's policy refuses: 403 (not yours to make) or 409 (expired, already
+    approved by you, edit conflict); nothing was changed but an expiry's denial."""
+    return Response({"detail": str(exc), "code": exc.code}, status=exc.http_status)
+
+
+def _governance(record: TransitionRecord) -> dict[str, Any]:
+    """Quorum progress and the edited effect, when the decision has them."""
+    extra: dict[str, Any] = {}
+    quorum = getattr(record, "quorum", 1)
+    if quorum > 1:
+        extra["approvals"] = {"given": getattr(record, "approvals", 0), "needed": quorum}
+    edited = getattr(record, "edited", None)
+    if edited is not None:
+        extra["edited_effect_id"] = edited.id
+    return extra
 
 
 def _already(decision: str, effect_pk: Any, record: TransitionRecord) -> bool:

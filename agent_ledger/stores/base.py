@@ -44,6 +44,9 @@ class NewEffect:
     resource_id_canonical: str | None
     actor: Actor
     continuation: Any = None
+    #: Seconds from creation (database clock) until a pending approval expires; stores that
+    #: cannot keep it (``MemoryStore``, ``PostgresStore``) ignore it.
+    expires_after_s: float | None = None
 
     def created(self, created_at: datetime, updated_at: datetime | None = None) -> Effect:
         """The effect as inserted: what was asked for, at the store's clock."""
@@ -308,6 +311,9 @@ def effect_from_columns(row: Mapping[str, Any], *, json_as_text: bool = False) -
         fence=row["fence"],
         attempts=row["attempts"],
         continuation=continuation,
+        # Columns of migration 0005; statements that do not select them leave them out.
+        expires_at=None if row.get("expires_at") is None else utc(row["expires_at"]),
+        superseded_by=None if row.get("superseded_by") is None else str(row["superseded_by"]),
     )
 
 

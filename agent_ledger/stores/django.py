@@ -108,38 +108,12 @@ class DjangoStore:
     ) -> Effect | None:
         return await in_thread(self.commit_sync, effect_id, outcome, fence=fence, actor=actor)
 
-    async def transition(
-        self,
-        idem_key: str,
-        *,
-        from_statuses: Collection[EffectStatus],
-        to_status: EffectStatus,
-        actor: Actor,
-        reason: str | None = None,
-        error: EffectError | None = None,
-    ) -> TransitionRecord:
-        return await in_thread(
-            self.transition_sync,
-            idem_key,
-            from_statuses=from_statuses,
-            to_status=to_status,
-            actor=actor,
-            reason=reason,
-            error=error,
-        )
+    # The keyword arguments are the protocol's (``base.EffectStore``), checked by the twins.
+    async def transition(self, idem_key: str, **kwargs: Any) -> TransitionRecord:
+        return await in_thread(self.transition_sync, idem_key, **kwargs)
 
-    async def release(
-        self,
-        effect_id: str,
-        *,
-        fence: int,
-        actor: Actor,
-        reason: str,
-        error: EffectError | None = None,
-    ) -> Effect | None:
-        return await in_thread(
-            self.release_sync, effect_id, fence=fence, actor=actor, reason=reason, error=error
-        )
+    async def release(self, effect_id: str, **kwargs: Any) -> Effect | None:
+        return await in_thread(self.release_sync, effect_id, **kwargs)
 
     async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
         return await in_thread(
@@ -155,6 +129,12 @@ class DjangoStore:
         listen(self.using)
         return await notifier.wait(effect_id, timeout_s, since)
 
+    async def expire(self, effect_id: str) -> Effect | None:
+        """Deny a pending approval past its ``expires_at`` (``agent_ledger.expiry``)."""
+        from ..expiry import expire_sync
+
+        return await in_thread(expire_sync, effect_id, using=self.using)
+
     def check_sync_caller(self) -> None:
         """``run_sync`` in ``atomic()`` on SQLite: our writes would wait for the caller's lock."""
         conn = connections[self.using]
@@ -169,7 +149,8 @@ class DjangoStore:
     def begin_sync(self, new: NewEffect) -> BeginRecord:
         using = self.using
         user_id = _user_id(new.actor)
-        if _fast_path(using):
+        # An expiring approval takes the ORM path: the single statement has no expires_at.
+        if _fast_path(using) and new.expires_after_s is None:
             from . import postgres as pg
 
             params = pg.begin_params(new, pg.actor_params(new.actor, user_id))
@@ -181,6 +162,8 @@ class DjangoStore:
             if record.created:
                 _announce(using, record.effect, None, new.actor)
             return record
+        from .. import expiry
+
         with _store_errors("begin"), transaction.atomic(using=using):
             try:
                 # The unique constraint on idem_key decides fresh vs replay; the savepoint keeps
@@ -197,6 +180,7 @@ class DjangoStore:
                         resource_id_canonical=new.resource_id_canonical,
                         attempts=1 if new.status is EffectStatus.PROCESSING else 0,
                         continuation=new.continuation,
+                        expires_at=expiry.expires_at_for(new),
                     )
             except IntegrityError as exc:
                 replayed = (
@@ -212,6 +196,8 @@ class DjangoStore:
             if not isinstance(row.created_at, datetime):
                 # Backends that cannot RETURN the db_default columns: read them back.
                 row.refresh_from_db(using=using, fields=["created_at", "updated_at"])
+            if row.expires_at is not None and not isinstance(row.expires_at, datetime):
+                row.refresh_from_db(using=using, fields=["expires_at"])  # computed by the DB
             effect = _effect(row)
             _record(using, effect, None, new.actor, user_id, None)
         return BeginRecord(effect, created=True)
@@ -479,10 +465,8 @@ def _user_id(actor: Actor) -> Any:
 
 
 def _fast_path(using: str) -> bool:
-    """On PostgreSQL, outside the caller's transaction, ``begin`` and ``commit`` run
-    ``postgres.BEGIN`` / ``COMMIT``: one round trip each, where the ORM needs a transaction, a
-    savepoint and several statements. Inside an ``atomic()`` block the ORM path keeps the
-    caller's transaction semantics."""
+    """One statement instead of the ORM's transaction, savepoint and several statements; inside
+    the caller's ``atomic()`` the ORM path keeps the caller's transaction semantics."""
     conn = connections[using]
     return conn.vendor == "postgresql" and not conn.in_atomic_block
 

@@ -23,6 +23,9 @@ CREATE TABLE IF NOT EXISTS agent_ledger_effect (
     completed_at timestamp with time zone NULL,
     attempts integer DEFAULT 0 NOT NULL,
     continuation jsonb NULL,
+    expires_at timestamp with time zone NULL,
+    expiring_notified_at timestamp with time zone NULL,
+    superseded_by uuid NULL,
     CONSTRAINT agent_ledger_effect_idem_key_uniq UNIQUE (idem_key),
     CONSTRAINT agent_ledger_effect_status_valid CHECK (status IN ('processing', 'succeeded', 'failed', 'requires_approval', 'ready', 'denied', 'canceled')),
     CONSTRAINT agent_ledger_effect_dedup_gte_0 CHECK (dedup_count >= 0),
@@ -33,6 +36,11 @@ CREATE TABLE IF NOT EXISTS agent_ledger_effect (
 -- Tables made by an older version of this file (migration 0002).
 ALTER TABLE agent_ledger_effect ADD COLUMN IF NOT EXISTS attempts integer DEFAULT 0 NOT NULL;
 ALTER TABLE agent_ledger_effect ADD COLUMN IF NOT EXISTS continuation jsonb NULL;
+-- (migration 0005_governance)
+ALTER TABLE agent_ledger_effect ADD COLUMN IF NOT EXISTS expires_at timestamp with time zone NULL;
+ALTER TABLE agent_ledger_effect
+    ADD COLUMN IF NOT EXISTS expiring_notified_at timestamp with time zone NULL;
+ALTER TABLE agent_ledger_effect ADD COLUMN IF NOT EXISTS superseded_by uuid NULL;
 DO $$ BEGIN
     ALTER TABLE agent_ledger_effect
         ADD CONSTRAINT agent_ledger_effect_attempts_gte_0 CHECK (attempts >= 0);
@@ -89,6 +97,9 @@ CREATE INDEX IF NOT EXISTS agent_ledger_status
 CREATE INDEX IF NOT EXISTS agent_ledger_active
     ON agent_ledger_effect (status, updated_at)
     WHERE status IN ('processing', 'ready', 'requires_approval');
+CREATE INDEX IF NOT EXISTS agent_ledger_expiring
+    ON agent_ledger_effect (expires_at)
+    WHERE expires_at IS NOT NULL AND status = 'requires_approval';
 CREATE INDEX IF NOT EXISTS agent_ledger_effecttransition_actor_user_id_fd38188c
     ON agent_ledger_effecttransition (actor_user_id);
 CREATE INDEX IF NOT EXISTS agent_ledger_trans_effect
