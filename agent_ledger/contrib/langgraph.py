@@ -159,7 +159,7 @@ class LedgerToolCalls:
             concurrency=ConcurrencyOptions(wait_timeout_ms=wait_timeout_ms),
             stale=stale,
             passthrough=(GraphBubbleUp, *exception_types(passthrough, "passthrough")),
-            retry_on=retry_on,
+            retry_on=exception_types(retry_on, "retry_on"),
             codec=ToolResultCodec(),
         )
         # Calls in flight per (event loop, workflow): an interrupting call waits for these.
