@@ -28,6 +28,7 @@ DATABASE_INDEPENDENT = frozenset(
         "test_example_project",
         "test_faults",
         "test_keys",
+        "test_langgraph_postgres",
         "test_links",
         "test_memory_store",
         "test_multiprocess",
