@@ -42,6 +42,8 @@ print("created" if created else "password reset")
 
 echo "== the simulated agent"
 manage demo
+echo "== the LangGraph demo agent (approve its refund in the admin; it resumes by itself)"
+manage demo_agent
 WEBHOOK_SECRET=$(manage demo --webhook-secret)
 
 cat <<INFO

@@ -7,3 +7,8 @@ class DemoConfig(AppConfig):
 
     def ready(self) -> None:
         from . import receivers  # noqa: F401  (connects the example signal receiver)
+
+        try:
+            from . import agent  # noqa: F401  (registers the demo agent's resumer)
+        except ImportError:  # installed without the [langgraph] extra
+            pass
