@@ -1,3 +1,5 @@
+import contextlib
+
 from django.apps import AppConfig
 
 
@@ -8,7 +10,5 @@ class DemoConfig(AppConfig):
     def ready(self) -> None:
         from . import receivers  # noqa: F401  (connects the example signal receiver)
 
-        try:
+        with contextlib.suppress(ImportError):  # installed without the [langgraph] extra
             from . import agent  # noqa: F401  (registers the demo agent's resumer)
-        except ImportError:  # installed without the [langgraph] extra
-            pass
