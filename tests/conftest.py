@@ -25,6 +25,7 @@ STORES = ["memory", "django", "postgres"]
 DATABASE_INDEPENDENT = frozenset(
     {
         "test_bench_smoke",
+        "test_demo_agent_browser",
         "test_example_project",
         "test_faults",
         "test_keys",
