@@ -11,7 +11,7 @@ PYTHON_DJ61 ?= $(or $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versi
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -U pip
-	$(VENV)/bin/pip install -q -e '.[drf,postgres,spectacular,dev]'
+	$(VENV)/bin/pip install -q -e '.[drf,postgres,spectacular,dev,langgraph,mcp]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -19,7 +19,7 @@ install: $(VENV)/.installed
 $(VENV_DJ61)/.installed: pyproject.toml
 	$(PYTHON_DJ61) -m venv $(VENV_DJ61)
 	$(VENV_DJ61)/bin/pip install -q -U pip
-	$(VENV_DJ61)/bin/pip install -q -e '.[drf,postgres,spectacular,dev]' 'Django>=6.1,<6.2'
+	$(VENV_DJ61)/bin/pip install -q -e '.[drf,postgres,spectacular,dev,langgraph,mcp]' 'Django>=6.1,<6.2'
 	touch $@
 
 install-dj61: $(VENV_DJ61)/.installed

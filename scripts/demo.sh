@@ -16,10 +16,10 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "== creating $VENV"
   python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import agent_ledger, rest_framework, drf_spectacular, dj_database_url, psycopg" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import agent_ledger, rest_framework, drf_spectacular, dj_database_url, psycopg, langgraph, mcp" 2>/dev/null; then
   echo "== installing django-agent-ledger with its extras"
   "$VENV/bin/pip" install -q -U pip
-  "$VENV/bin/pip" install -q -e '.[drf,postgres,spectacular,dev]'
+  "$VENV/bin/pip" install -q -e '.[drf,postgres,spectacular,dev,langgraph,mcp]'
 fi
 
 manage() { "$VENV/bin/python" example_project/manage.py "$@"; }
@@ -42,6 +42,8 @@ print("created" if created else "password reset")
 
 echo "== the simulated agent"
 manage demo
+echo "== the LangGraph demo agent (approve its refund in the admin; it resumes by itself)"
+manage demo_agent
 WEBHOOK_SECRET=$(manage demo --webhook-secret)
 
 cat <<INFO

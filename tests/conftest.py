@@ -25,9 +25,11 @@ STORES = ["memory", "django", "postgres"]
 DATABASE_INDEPENDENT = frozenset(
     {
         "test_bench_smoke",
+        "test_demo_agent_browser",
         "test_example_project",
         "test_faults",
         "test_keys",
+        "test_langgraph_postgres",
         "test_links",
         "test_memory_store",
         "test_multiprocess",

@@ -1,3 +1,5 @@
+import contextlib
+
 from django.apps import AppConfig
 
 
@@ -7,3 +9,6 @@ class DemoConfig(AppConfig):
 
     def ready(self) -> None:
         from . import receivers  # noqa: F401  (connects the example signal receiver)
+
+        with contextlib.suppress(ImportError):  # installed without the [langgraph] extra
+            from . import agent  # noqa: F401  (registers the demo agent's resumer)
