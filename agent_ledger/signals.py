@@ -23,6 +23,8 @@ __all__ = [
     "effect_denied",
     "effect_failed",
     "effect_succeeded",
+    "resume_done",
+    "resume_failed",
 ]
 
 #: An effect entered ``requires_approval`` (on ``begin`` or ``request_approval``).
@@ -37,3 +39,12 @@ effect_canceled = Signal()
 effect_succeeded = Signal()
 #: The tool ran and raised (or returned something that is not JSON); the error was stored.
 effect_failed = Signal()
+
+# Resumptions (``agent_ledger.resume``) send theirs with ``sender=agent_ledger.models.Resumption``
+# and ``resumption`` (the row) and ``effect`` (an ``agent_ledger.types.Effect``), as they happen
+# (no transaction is open around a resumer).
+
+#: A resumer ran and returned.
+resume_done = Signal()
+#: A resumer raised; also ``error`` (text) and ``final`` (True when no retry is scheduled).
+resume_failed = Signal()

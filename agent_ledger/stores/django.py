@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from django.core.exceptions import ValidationError
 from django.db import (
@@ -30,7 +30,7 @@ from django.db.models import F
 from django.db.models.functions import Now
 from django.dispatch import Signal
 
-from .. import signals
+from .. import resume, signals
 from ..conf import ledger_settings
 from ..errors import (
     EffectLedgerError,
@@ -61,9 +61,6 @@ from .base import (
     parse_uuid,
     worth_waking,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["DjangoStore", "close_connections"]
 
@@ -332,7 +329,9 @@ class DjangoStore:
                 latest = EffectRow.objects.using(using).get(pk=current.pk)
                 return TransitionRecord(_effect(latest), changed=False)
             effect = _effect(EffectRow.objects.using(using).get(pk=current.pk))
-            _record(using, effect, EffectStatus(current.status), actor, user_id, reason)
+            recorded = _record(using, effect, EffectStatus(current.status), actor, user_id, reason)
+            # A decision owes its resumer a run: the row now, in this transaction; the run later.
+            resume.decided(using, effect, EffectStatus(current.status), recorded.pk)
         return TransitionRecord(effect, changed=True)
 
     def claim_sync(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
@@ -423,10 +422,10 @@ def _record(
     actor: Actor,
     user_id: Any,
     reason: str | None,
-) -> None:
-    """In the caller's transaction: the history row and, on PostgreSQL, the NOTIFY delivered
-    to other processes when it commits; then announce it here."""
-    EffectTransition.objects.using(using).record(
+) -> EffectTransition:
+    """In the caller's transaction: the history row (returned), and on PostgreSQL the NOTIFY
+    that PostgreSQL delivers to other processes when it commits. Then announce it here."""
+    row = EffectTransition.objects.using(using).record(
         effect_id=uuid.UUID(effect.id),
         from_status=from_status.value if from_status is not None else None,
         to_status=effect.status.value,
@@ -440,6 +439,7 @@ def _record(
         with conn.cursor() as cursor:
             cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, effect.id])
     _announce(using, effect, from_status, actor)
+    return row
 
 
 def _announce(using: str, effect: Effect, from_status: EffectStatus | None, actor: Actor) -> None:

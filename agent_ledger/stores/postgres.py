@@ -48,6 +48,7 @@ from ..types import (
     EffectStatus,
     Transition,
 )
+from ._decide import TRANSITION
 from ._listen import Listener
 from .base import (
     CHANNEL,
@@ -103,9 +104,6 @@ _CLAIMED = _HISTORY.format(
     at="updated_at",
     reason="CASE WHEN from_status = 'processing' THEN 'stale takeover' END",
     source="upd",
-)
-_DECIDED = _HISTORY.format(
-    from_status="from_status", at="updated_at", reason="%(reason)s::text", source="upd"
 )
 
 # Insert, or count a replay, in one statement. Under READ COMMITTED a row inserted by a
@@ -178,30 +176,6 @@ WITH cur AS (
     {_CLAIMED}
 )
 SELECT {COLUMNS}, {_NOTIFY} AS side FROM upd
-"""
-
-# A decision: lock, check, change, history, in one statement. ``cur`` locks the row and, under
-# READ COMMITTED, reads its newest version once the lock is ours: approve and deny racing cannot
-# both find it awaiting approval. Unchanged (not awaiting that decision): ``cur`` comes back as
-# is. No row at all: the key is unknown.
-TRANSITION = f"""
-WITH cur AS (
-    SELECT {COLUMNS} FROM agent_ledger_effect WHERE idem_key = %(idem_key)s FOR UPDATE
-), upd AS (
-    UPDATE agent_ledger_effect AS e
-    SET status = %(to_status)s, updated_at = statement_timestamp(),
-        error = coalesce(%(error)s::jsonb, e.error),
-        completed_at = CASE WHEN %(terminal)s THEN statement_timestamp() END
-    FROM cur
-    WHERE e.id = cur.id AND cur.status = ANY(%(from_statuses)s::varchar[])
-    RETURNING {", ".join(f"e.{column}" for column in COLUMNS.split(", "))},
-              cur.status AS from_status
-), hist AS (
-    {_DECIDED}
-)
-SELECT true AS changed, {COLUMNS}, {_NOTIFY} AS side FROM upd
-UNION ALL
-SELECT false, {COLUMNS}, NULL FROM cur WHERE NOT EXISTS (SELECT 1 FROM upd)
 """
 
 GET = f"SELECT {COLUMNS} FROM agent_ledger_effect WHERE id = %s"
