@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from celery import Celery, signals
 from celery.contrib.testing.worker import start_worker
+from django.db import connections
 from django.test import override_settings
 
 import agent_ledger.tasks  # noqa: F401  (registers agent_ledger.run_resumption with Celery)
@@ -31,7 +32,7 @@ from agent_ledger import (
 )
 from agent_ledger.contrib.celery import LedgeredTask, ledgered_task
 from agent_ledger.models import Effect
-from tests.contrib.celery_support import (
+from tests.contrib.support import (
     REDIS_URL,
     database_env,
     drop_keys,
@@ -79,6 +80,8 @@ class Finished:
         signals.task_postrun.connect(self.on_postrun, weak=False)
 
     def on_postrun(self, task_id: str, state: str | None = None, **kwargs: Any) -> None:
+        # In the worker's thread: its connections would outlive the test (and its database).
+        connections.close_all()
         with self.changed:
             self.ended.append((task_id, str(state)))
             self.changed.notify_all()

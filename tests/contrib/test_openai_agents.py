@@ -7,6 +7,7 @@ Without the ledger, one saved ``RunState`` restored and approved twice charges t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,13 +15,22 @@ import pytest
 from agents import Agent, FunctionTool, Runner, function_tool, set_tracing_disabled
 from agents.run_state import RunState
 from agents.testing import ScriptedModel, assistant_message, function_call
-from asgiref.sync import sync_to_async
 
 from agent_ledger import Actor, EffectLedgerValidationError, EffectStatus, services
 from agent_ledger.contrib.openai_agents import apply_decisions, ledgered_tool
 from agent_ledger.models import Effect
+from agent_ledger.stores.django import close_connections
+from tests.contrib.support import orm
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def close_store_connections() -> Iterator[None]:
+    """The store's threads keep connections briefly; close them before the database goes."""
+    yield
+    close_connections()
+
 
 set_tracing_disabled(True)
 
@@ -81,7 +91,7 @@ async def test_with_the_ledger_the_approval_is_the_ledgers_and_the_tool_runs_onc
     first = await Runner.run(agent_with(tool, CALL, DONE), "charge c1", context=Order("order-7"))
     assert [item.raw_item.call_id for item in first.interruptions] == ["call_1"]
     snapshot = first.to_state().to_string()
-    effect = await Effect.objects.aget(call_id="call_1")
+    effect = await orm(lambda: Effect.objects.get(call_id="call_1"))
     assert (effect.status, effect.workflow_id, effect.tool) == (
         EffectStatus.REQUIRES_APPROVAL, "order-7", "charge"
     )  # fmt: skip
@@ -90,12 +100,12 @@ async def test_with_the_ledger_the_approval_is_the_ledgers_and_the_tool_runs_onc
     early = await resume(tool, snapshot, approve=True)
     assert early.final_output == "done" and runs == []
 
-    await sync_to_async(services.approve)(effect.idem_key, actor=Actor("admin", 1, "alice"))
+    await orm(lambda: services.approve(effect.idem_key, actor=Actor("admin", 1, "alice")))
     for _ in range(2):  # the same snapshot resumed twice, as it is
         result = await resume(tool, snapshot, approve=False)
         assert result.final_output == "done"
     assert runs == ["charge 45"]
-    await effect.arefresh_from_db()
+    await orm(effect.refresh_from_db)
     assert (effect.status, effect.result, effect.attempts) == ("succeeded", "charged 45", 1)
     assert effect.dedup_count >= 1
 
@@ -104,9 +114,11 @@ async def test_a_denial_reaches_the_model_with_its_reason() -> None:
     runs: list[str] = []
     tool = ledgered_tool(charge_tool(runs), workflow_id="billing", requires_approval=True)
     first = await Runner.run(agent_with(tool, CALL, DONE), "charge c1", context=Order("o"))
-    effect = await Effect.objects.aget(call_id="call_1")
-    await sync_to_async(services.deny)(
-        effect.idem_key, actor=Actor("admin", 1, "alice"), reason="over the limit"
+    effect = await orm(lambda: Effect.objects.get(call_id="call_1"))
+    await orm(
+        lambda: services.deny(
+            effect.idem_key, actor=Actor("admin", 1, "alice"), reason="over the limit"
+        )
     )
     result = await resume(tool, first.to_state().to_string(), approve=False)
     outputs = [item.output for item in result.new_items if item.type == "tool_call_output_item"]

@@ -6,10 +6,10 @@ Without the ledger, one saved run resumed twice with its approval runs the tool 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from asgiref.sync import sync_to_async
 from pydantic_ai import Agent, DeferredToolRequests, DeferredToolResults
 from pydantic_ai.messages import (
     ModelMessage,
@@ -24,8 +24,17 @@ from pydantic_ai.models.function import AgentInfo, FunctionModel
 from agent_ledger import Actor, EffectLedgerValidationError, EffectStatus, services
 from agent_ledger.contrib.pydantic_ai import LedgerCapability, resume_results
 from agent_ledger.models import Effect
+from agent_ledger.stores.django import close_connections
+from tests.contrib.support import orm
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(autouse=True)
+def close_store_connections() -> Iterator[None]:
+    """The store's threads keep connections briefly; close them before the database goes."""
+    yield
+    close_connections()
 
 
 def scripted(messages: list[ModelMessage], info: AgentInfo) -> ModelResponse:
@@ -88,7 +97,7 @@ async def test_with_the_ledger_the_approval_is_the_ledgers_and_the_tool_runs_onc
     assert isinstance(first.output, DeferredToolRequests)
     assert [c.tool_call_id for c in first.output.approvals] == ["call-7"]
     snapshot = saved(first)
-    effect = await Effect.objects.aget(call_id="call-7")
+    effect = await orm(lambda: Effect.objects.get(call_id="call-7"))
     assert effect.status == EffectStatus.REQUIRES_APPROVAL
     assert effect.workflow_id == first.conversation_id and effect.tool == "refund"
 
@@ -101,14 +110,14 @@ async def test_with_the_ledger_the_approval_is_the_ledgers_and_the_tool_runs_onc
     assert early.output.metadata["call-7"]["admin"].endswith(f"/{effect.id}/change/")
     assert runs == ["lookup 7"]
 
-    await sync_to_async(services.approve)(effect.idem_key, actor=Actor("admin", 1, "alice"))
+    await orm(lambda: services.approve(effect.idem_key, actor=Actor("admin", 1, "alice")))
     outputs = [
         (await agent.run(message_history=restored(snapshot), deferred_tool_results=resume)).output
         for _ in range(2)  # a retried resume, a double click
     ]
     assert outputs[0] == outputs[1] == "{'refunded': 7} | order 7: paid"
     assert runs == ["lookup 7", "refund 7"]
-    await effect.arefresh_from_db()
+    await orm(effect.refresh_from_db)
     assert (effect.status, effect.result, effect.attempts) == ("succeeded", {"refunded": 7}, 1)
 
 
@@ -116,16 +125,18 @@ async def test_a_denial_reaches_the_model_with_its_reason() -> None:
     runs: list[str] = []
     agent = make_agent(runs, LedgerCapability(tools=frozenset({"refund"})))
     first = await agent.run("refund order 7")
-    effect = await Effect.objects.aget(call_id="call-7")
-    await sync_to_async(services.deny)(
-        effect.idem_key, actor=Actor("admin", 1, "alice"), reason="not eligible"
+    effect = await orm(lambda: Effect.objects.get(call_id="call-7"))
+    await orm(
+        lambda: services.deny(
+            effect.idem_key, actor=Actor("admin", 1, "alice"), reason="not eligible"
+        )
     )
     result = await agent.run(
         message_history=restored(saved(first)), deferred_tool_results=resume_results(first.output)
     )
     assert result.output == "The tool call was denied: not eligible | order 7: paid"
     assert runs == ["lookup 7"]
-    assert not await Effect.objects.filter(tool="lookup").aexists()  # not in tools=
+    assert not await orm(Effect.objects.filter(tool="lookup").exists)  # not in tools=
 
 
 def test_bad_input_is_refused_with_clear_errors() -> None:

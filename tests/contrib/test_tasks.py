@@ -18,7 +18,7 @@ from agent_ledger import Actor, EffectLedgerValidationError, EffectStatus, servi
 from agent_ledger.contrib.tasks import ledgered_task
 from agent_ledger.models import Effect
 from tests.contrib import tasks_jobs
-from tests.contrib.celery_support import database_env, poll
+from tests.contrib.support import database_env, poll
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

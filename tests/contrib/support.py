@@ -1,12 +1,16 @@
-"""What the Celery tests share: Redis, a key prefix per test, the test database for workers."""
+"""What the adapter tests share: Redis, a key prefix per test, the test database for workers,
+the ORM from async tests."""
 
 from __future__ import annotations
 
 import os
 import uuid
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
+
+T = TypeVar("T")
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -58,3 +62,19 @@ def poll(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.05)
+
+
+async def orm(fn: Callable[[], T]) -> T:
+    """Run sync ORM code (a query, ``services.approve``) from an async test on a thread whose
+    connection is closed afterwards, so none outlives the test database."""
+    import asyncio
+
+    from django.db import connections
+
+    def run() -> T:
+        try:
+            return fn()
+        finally:
+            connections.close_all()
+
+    return await asyncio.to_thread(run)
