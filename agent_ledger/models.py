@@ -91,6 +91,11 @@ class EffectQuerySet(models.QuerySet["Effect"]):
             qs = qs.filter(created_at__lt=end)
         return qs
 
+    def with_resuming(self) -> EffectQuerySet:
+        """Annotate ``resuming``: a pending or running resumption (``Effect.shown_status``)."""
+        live = Resumption.objects.filter(effect=models.OuterRef("pk")).live()
+        return self.annotate(resuming=models.Exists(live))
+
     def with_history(self) -> EffectQuerySet:
         """Prefetch each effect's transitions, oldest first, in one extra query."""
         return self.prefetch_related(
@@ -158,7 +163,19 @@ class Effect(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.tool} in {self.workflow_id} ({status_label(self.status)})"
+        return f"{self.tool} in {self.workflow_id} ({self.shown_status()})"
+
+    def shown_status(self) -> str:
+        """The status label; "approved, resuming" for a ready effect while a resumption
+        (``agent_ledger.resume``) is bringing its agent back. Reads ``resuming`` when the
+        queryset annotated it (``EffectQuerySet.with_resuming``), else asks the database."""
+        if self.status == EffectStatus.READY and self.continuation is not None:
+            resuming = getattr(self, "resuming", None)
+            if resuming is None:
+                resuming = Resumption.objects.filter(effect_id=self.pk).live().exists()
+            if resuming:
+                return str(RESUMING_LABEL)
+        return status_label(self.status)
 
     @property
     def args(self) -> Any:

@@ -140,7 +140,9 @@ def decided(using: str, effect: Effect, from_status: EffectStatus, transition_id
         effect_id=effect.id,
         transition_id=transition_id,
         decision=decision.value,
-        resumer=continuation["resumer"],
+        # Cut to the column (propose refuses longer names; a row stored otherwise then fails
+        # visibly as an unknown resumer instead of failing the decision).
+        resumer=continuation["resumer"][:MAX_NAME_LENGTH],
     )
     transaction.on_commit(lambda: enqueue(row.pk, using=using), using=using)
 

@@ -44,7 +44,7 @@ WITH cur AS (
     INSERT INTO agent_ledger_resumption (effect_id, transition_id, decision, resumer)
     SELECT hist.effect_id, hist.id,
            CASE hist.to_status WHEN 'ready' THEN 'approve' ELSE 'deny' END,
-           upd.continuation ->> 'resumer'
+           left(upd.continuation ->> 'resumer', 255)
     FROM hist JOIN upd ON upd.id = hist.effect_id
     WHERE hist.from_status = 'requires_approval' AND hist.to_status IN ('ready', 'denied')
       AND jsonb_typeof(upd.continuation -> 'resumer') = 'string'
