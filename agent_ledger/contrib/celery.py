@@ -110,8 +110,12 @@ class LedgeredTask(Task):  # type: ignore[misc]
         )
 
     def _ledger(self) -> EffectLedger:
-        if self.ledger is not None:
-            return self.ledger()
+        # As stored on the class: a function assigned there would be bound to the task.
+        factory = inspect.getattr_static(self, "ledger", None)
+        if isinstance(factory, staticmethod):
+            factory = factory.__func__
+        if factory is not None:
+            return factory()  # type: ignore[no-any-return]
         from ..services import get_ledger
 
         return get_ledger()

@@ -26,8 +26,11 @@ import agent_ledger.tasks  # noqa: F401  (registers agent_ledger.run_resumption 
 from agent_ledger import (
     Actor,
     EffectDeniedError,
+    EffectLedger,
+    EffectLedgerOptions,
     EffectLedgerValidationError,
     EffectStatus,
+    MemoryStore,
     services,
 )
 from agent_ledger.contrib.celery import LedgeredTask, ledgered_task
@@ -136,6 +139,20 @@ def test_body_sees_self_request_and_runs_once_per_task_id(app: Celery) -> None:
 
     charge.apply(args=(7,), task_id="charge-2")  # another task id: another call
     assert runs == ["charge-1", "charge-2"]
+
+
+def test_a_task_can_use_its_own_ledger(app: Celery) -> None:
+    memory = EffectLedger(EffectLedgerOptions(store=MemoryStore()))
+
+    @ledgered_task(app=app, ledger=lambda: memory, name="tests.celery.own_ledger")
+    def send(to: str) -> str:
+        runs.append(to)
+        return to
+
+    for _ in range(2):
+        send.apply(args=("bob",), task_id="own-1")
+    assert runs == ["bob"]
+    assert not Effect.objects.exists()  # not Django's ledger
 
 
 def test_bad_input_is_refused_with_clear_errors(app: Celery) -> None:
