@@ -64,6 +64,20 @@ TEMPLATES = [
     }
 ]
 STATIC_URL = "/static/"
+
+# django.tasks (Django 6; the django-tasks backport on 5.2): "default" runs tasks inline, "db" is
+# django-tasks-db's queue, worked by ``manage.py db_worker --backend db``.
+try:
+    import django.tasks  # noqa: F401
+
+    _TASKS = "django.tasks"
+except ImportError:
+    _TASKS = "django_tasks"
+INSTALLED_APPS += ["django_tasks_db"]
+TASKS = {
+    "default": {"BACKEND": f"{_TASKS}.backends.immediate.ImmediateBackend"},
+    "db": {"BACKEND": "django_tasks_db.DatabaseBackend"},
+}
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 AGENT_LEDGER = {
     "WEBHOOK_SECRETS": {"primary": "test-secret-0123456789", "old": "old-secret-0123456789"}

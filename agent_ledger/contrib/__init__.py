@@ -1,6 +1,5 @@
-"""Adapters for agent frameworks and task engines, one module per framework.
+"""Adapters for agent frameworks and task engines, one module each, behind an extra of its name.
 
-Each module imports its framework and is installed with the extra of the same name
-(``pip install "django-agent-ledger[langgraph]"``); nothing here is imported by
-``agent_ledger`` itself.
+Each module imports its framework (and only it does), so ``import agent_ledger.contrib.celery``
+without Celery installed fails with that ImportError; nothing else in the app needs them.
 """
