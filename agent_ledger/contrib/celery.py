@@ -36,7 +36,7 @@ __all__ = ["RESUMER", "LedgeredTask", "ledgered_task"]
 RESUMER = "agent_ledger.contrib.celery"
 
 
-class LedgeredTask(Task):  # type: ignore[misc]
+class LedgeredTask(Task):
     """A Celery task whose body runs at most once per task id (see the module docstring).
 
     Class attributes (or ``@ledgered_task(...)`` / ``@app.task(base=LedgeredTask, ...)``
