@@ -128,6 +128,12 @@ class EffectLedger:
     def idem_key(self, call: ToolCall) -> str:
         return self._prepare(call).idem_key
 
+    def requires_approval(self, call: ToolCall, run_options: RunOptions | None = None) -> bool:
+        """Whether ``run(call, ..., run_options)`` would wait for a human: the call's own say,
+        else the ledger's policy, else its defaults. For adapters that must ask before they
+        run (to turn a pending approval into their framework's own interrupt)."""
+        return self._requires_approval(call, self._run_options(run_options))
+
     # -- the spec's API ------------------------------------------------------------------------
 
     async def run(

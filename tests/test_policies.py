@@ -72,11 +72,10 @@ def test_precedence_call_then_tools_then_approval_policy_then_defaults() -> None
                 defaults=RunOptions(requires_approval=True),
             )
         )
-        gated = ledger._requires_approval
-        resolved = ledger._run_options(None)
-        assert gated(calls["refund_small"], resolved) is False  # TOOLS beats the defaults
-        assert gated(calls["other"], resolved) is True  # defaults
-        explicit = ledger._run_options(RunOptions(requires_approval=True))
+        gated = ledger.requires_approval
+        assert gated(calls["refund_small"]) is False  # TOOLS beats the defaults
+        assert gated(calls["other"]) is True  # defaults
+        explicit = RunOptions(requires_approval=True)
         assert gated(calls["refund_small"], explicit) is True  # the call's own say wins
 
 

@@ -206,7 +206,8 @@ class LedgerToolCalls:
                     field="requires_approval",
                 )
             return decided
-        return call.tool in rule
+        # Not named here: the ledger's own policy (TOOLS, approval_policy, defaults) decides.
+        return call.tool in rule or self._get_ledger().requires_approval(call)
 
     # -- the wrappers --------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from django.test import override_settings
 from langchain.agents import create_agent
 from langchain_core.language_models.fake_chat_models import GenericFakeChatModel
 from langchain_core.messages import AIMessage, ToolMessage
@@ -181,6 +182,17 @@ def test_a_denial_becomes_an_error_tool_message_with_the_reason() -> None:
     assert denied.status == "error"
     assert "not on a Friday" in denied.content
     assert "deploy" not in runs.started
+
+
+def test_the_ledgers_own_policy_gates_a_call_the_adapter_does_not_name() -> None:
+    """Without ``requires_approval=`` on the adapter, the ledger's TOOLS policy decides."""
+    runs = Runs()
+    with override_settings(AGENT_LEDGER={"TOOLS": {"deploy": {"requires_approval": True}}}):
+        app = graph(ledgered_node(runs, requires_approval=()))
+        payload = invoke(app, start("t-policy"), "t-policy")["__interrupt__"][0].value
+    assert payload["tool"] == "deploy"
+    assert "deploy" not in runs.started
+    assert runs.finished == ["send_email"]
 
 
 # -- 2. a sibling still running when another call interrupts -----------------------------------
