@@ -10,6 +10,9 @@ Defaults (every key is optional)::
         "ASYNC_THREADS": 16,                # threads (so at most this many connections) that
                                             # DjangoStore's async methods run their queries on;
                                             # read once, when the first async call is made
+        "REDACT": None,                     # what to redact before storage (agent_ledger.redaction)
+        "KEY_LIFETIME": None,               # how long a pruned key stays closed, e.g. "365d";
+                                            # None: forever (agent_ledger.retention)
     }
 
 Retired keys (refused by check E002 with a hint, never reused): ``PREPARE_STATEMENTS`` and
@@ -28,6 +31,8 @@ DEFAULTS: dict[str, Any] = {
     "WEBHOOK_SECRETS": {},
     "WEBHOOK_TOLERANCE_SECONDS": 300,
     "ASYNC_THREADS": 16,
+    "REDACT": None,
+    "KEY_LIFETIME": None,
 }
 
 #: Keys that once existed, with why they went (the check ids that validated them are retired).

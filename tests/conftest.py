@@ -58,6 +58,7 @@ def _database_independent(item: pytest.Item) -> bool:
     callspec = getattr(item, "callspec", None)
     return callspec is not None and callspec.params.get("store") in ("memory", "postgres")
 
+
 #: The PostgreSQL the PostgresStore tests use, whatever DATABASE_URL the Django side uses.
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 

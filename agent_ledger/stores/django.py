@@ -46,7 +46,7 @@ from .. import signals
 from ..conf import ledger_settings
 from ..errors import EffectLedgerValidationError, EffectNotFoundError, EffectStoreError
 from ..models import Effect as EffectRow
-from ..models import EffectTransition
+from ..models import EffectTombstone, EffectTransition
 from ..types import (
     TERMINAL_STATUSES,
     Actor,
@@ -58,6 +58,7 @@ from ..types import (
     Transition,
 )
 from ._process import close_connections, in_thread, listen, notifier
+from ._tombstones import purged
 from .base import (
     CHANNEL,
     BeginRecord,
@@ -165,6 +166,8 @@ class DjangoStore:
                 row = _fetch(using, pg.BEGIN, params, attempts=pg.BEGIN_ATTEMPTS)
             if row is None:
                 raise pg.vanished(new.idem_key)
+            if row["created"] is None:
+                raise purged(new.idem_key, row)
             record = BeginRecord(effect_from_columns(row, json_as_text=True), row["created"])
             if record.created:
                 _announce(using, record.effect, None, new.actor)
@@ -184,6 +187,9 @@ class DjangoStore:
                         args_canonical=new.args_canonical,
                         resource_id_canonical=new.resource_id_canonical,
                     )
+                    # After the insert, in a statement of its own: a prune that deleted this
+                    # key's effect (we waited for it) committed its tombstone before that.
+                    _refuse_tombstoned(using, new.idem_key)
             except IntegrityError as exc:
                 replayed = (
                     EffectRow.objects.using(using)
@@ -414,6 +420,13 @@ def _send(signal: Signal, effect: Effect, actor: Actor) -> None:
                 effect.id,
                 exc_info=response,
             )
+
+
+def _refuse_tombstoned(using: str, idem_key: str) -> None:
+    """Raise ``EffectPurgedError`` (undoing the caller's savepoint) for a pruned key."""
+    tombstone = EffectTombstone.objects.using(using).filter(idem_key=idem_key).first()
+    if tombstone is not None:
+        raise purged(idem_key, {"status": tombstone.status})
 
 
 def _user_id(actor: Actor) -> Any:

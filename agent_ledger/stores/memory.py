@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Collection
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
-from ..errors import EffectNotFoundError
+from ..errors import EffectNotFoundError, EffectPurgedError
 from ..types import (
     TERMINAL_STATUSES,
     Actor,
@@ -21,6 +21,7 @@ from ..types import (
     Effect,
     EffectError,
     EffectStatus,
+    PruneReport,
     Transition,
 )
 from .base import BeginRecord, ChangeNotifier, NewEffect, TransitionRecord, claimable
@@ -36,6 +37,8 @@ class MemoryStore:
         self._by_id: dict[str, Effect] = {}
         self._id_by_key: dict[str, str] = {}
         self._history: dict[str, list[Transition]] = {}
+        #: Pruned keys: key -> (the effect's status, its created_at); see ``prune``.
+        self._tombstones: dict[str, tuple[EffectStatus, datetime]] = {}
         self._notifier = ChangeNotifier()
 
     # -- writes; each holds the lock for its whole read-check-write ---------------------------
@@ -48,6 +51,8 @@ class MemoryStore:
                 effect = dataclasses.replace(effect, dedup_count=effect.dedup_count + 1)
                 self._by_id[effect.id] = effect
                 return BeginRecord(effect, created=False)
+            if new.idem_key in self._tombstones:
+                raise EffectPurgedError(new.idem_key, self._tombstones[new.idem_key][0].value)
             effect = new.created(_now())
             self._by_id[effect.id] = effect
             self._id_by_key[effect.idem_key] = effect.id
@@ -140,6 +145,31 @@ class MemoryStore:
         self, effect_id: str, timeout_s: float, since: float
     ) -> Effect | None:
         return await self._notifier.wait(effect_id, timeout_s, since)
+
+    # -- retention (the Django tables have ``agent_ledger.retention``) --------------------------
+
+    async def prune(
+        self, older_than: timedelta, *, key_lifetime: timedelta | None = None
+    ) -> PruneReport:
+        """Drop effects finished before ``older_than`` ago and their history, keeping their
+        keys closed (``begin`` raises ``EffectPurgedError``) until ``key_lifetime`` after the
+        effect's creation (None: forever)."""
+        report = PruneReport()
+        with self._lock:
+            now = _now()
+            for effect in list(self._by_id.values()):
+                done = effect.completed_at
+                if effect.status in TERMINAL_STATUSES and done and done < now - older_than:
+                    del self._by_id[effect.id], self._id_by_key[effect.idem_key]
+                    report.transitions += len(self._history.pop(effect.id, ()))
+                    report.effects += 1
+                    self._tombstones[effect.idem_key] = (effect.status, effect.created_at)
+            if key_lifetime is not None:
+                for key, (_, created_at) in list(self._tombstones.items()):
+                    if created_at < now - key_lifetime:
+                        del self._tombstones[key]
+                        report.tombstones_expired += 1
+        return report
 
     # -- helpers (call with the lock held) ------------------------------------------------------
 

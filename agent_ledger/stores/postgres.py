@@ -33,11 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psycopg
 from psycopg.rows import dict_row
 
-from ..errors import (
-    EffectLedgerError,
-    EffectNotFoundError,
-    EffectStoreError,
-)
+from ..errors import EffectLedgerError, EffectNotFoundError, EffectStoreError
 from ..types import (
     TERMINAL_STATUSES,
     Actor,
@@ -49,6 +45,7 @@ from ..types import (
     Transition,
 )
 from ._listen import Listener
+from ._tombstones import NOT_TOMBSTONED, PURGED, purged
 from .base import (
     CHANNEL,
     BeginRecord,
@@ -115,9 +112,9 @@ WITH ins AS (
     INSERT INTO agent_ledger_effect
         (id, idem_key, workflow_id, call_id, tool, status, args_canonical,
          resource_id_canonical, dedup_count, fence, created_at, updated_at)
-    VALUES (%(id)s, %(idem_key)s, %(workflow_id)s, %(call_id)s, %(tool)s, %(status)s,
-            %(args_canonical)s, %(resource_id_canonical)s, 0, 1,
-            statement_timestamp(), statement_timestamp())
+    SELECT %(id)s, %(idem_key)s::varchar, %(workflow_id)s, %(call_id)s, %(tool)s, %(status)s,
+           %(args_canonical)s, %(resource_id_canonical)s, 0, 1,
+           statement_timestamp(), statement_timestamp() {NOT_TOMBSTONED}
     ON CONFLICT (idem_key) DO NOTHING
     RETURNING {COLUMNS}
 ), hist AS (
@@ -130,7 +127,7 @@ WITH ins AS (
 SELECT true AS created, {COLUMNS}, {_NOTIFY_CREATED} AS side FROM ins
 UNION ALL
 SELECT false, {COLUMNS}, set_config('synchronous_commit', 'off', true) FROM replay
-"""
+{PURGED}"""
 
 #: ``BEGIN`` is run again while both branches come back empty (each run has a newer snapshot).
 BEGIN_ATTEMPTS = 10
@@ -283,6 +280,8 @@ class PostgresStore:
         row = await self._fetch("begin", BEGIN, params, attempts=BEGIN_ATTEMPTS)
         if row is None:
             raise vanished(new.idem_key)
+        if row["created"] is None:
+            raise purged(new.idem_key, row)
         effect = effect_from_columns(row)
         if row["created"]:
             self._notifier.notify(effect.id, effect)

@@ -1,4 +1,4 @@
--- The tables of agent_ledger/migrations (manage.py sqlmigrate agent_ledger 0001), with the
+-- The tables of agent_ledger/migrations (manage.py sqlmigrate agent_ledger 0001, 0002), with the
 -- same names for every constraint and index, so running this on a migrated database changes
 -- nothing. Idempotent; the advisory lock stops two workers starting at once from racing on the
 -- catalog (concurrent CREATE TABLE IF NOT EXISTS can fail with a duplicate-key error).
@@ -42,6 +42,19 @@ CREATE TABLE IF NOT EXISTS agent_ledger_effecttransition (
         DEFERRABLE INITIALLY DEFERRED
 );
 
+-- The keys of pruned effects (retention), so a purged key never runs again (0002).
+CREATE TABLE IF NOT EXISTS agent_ledger_effecttombstone (
+    effect_id uuid NOT NULL PRIMARY KEY,
+    idem_key varchar(64) NOT NULL,
+    workflow_id varchar(255) NOT NULL,
+    tool varchar(255) NOT NULL,
+    status varchar(32) NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    completed_at timestamp with time zone NULL,
+    pruned_at timestamp with time zone DEFAULT statement_timestamp() NOT NULL,
+    CONSTRAINT agent_ledger_tomb_idem_key_uniq UNIQUE (idem_key)
+);
+
 CREATE INDEX IF NOT EXISTS agent_ledger_created
     ON agent_ledger_effect (created_at DESC);
 CREATE INDEX IF NOT EXISTS agent_ledger_workflow
@@ -59,3 +72,8 @@ CREATE INDEX IF NOT EXISTS agent_ledger_trans_effect
     ON agent_ledger_effecttransition (effect_id, at);
 CREATE INDEX IF NOT EXISTS agent_ledger_trans_at
     ON agent_ledger_effecttransition (at DESC);
+CREATE INDEX IF NOT EXISTS agent_ledger_completed
+    ON agent_ledger_effect (completed_at)
+    WHERE status IN ('canceled', 'denied', 'failed', 'succeeded');
+CREATE INDEX IF NOT EXISTS agent_ledger_tomb_created
+    ON agent_ledger_effecttombstone (created_at);
