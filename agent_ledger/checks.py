@@ -2,6 +2,8 @@
 
 Ids are ``agent_ledger.E001``... (errors) and ``agent_ledger.W001``... (warnings); never reuse one.
 Retired: E009 (``PREPARE_STATEMENTS``) and E010 (``REPLAY_COUNT_DELAY_SECONDS``).
+Data governance (``check_data_settings``): E011 ``REDACT``, E012 its ``function``, E013
+``KEY_LIFETIME``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
 from .conf import DEFAULTS, RETIRED
+from .errors import EffectLedgerValidationError
 
 
 @register()
@@ -128,3 +131,47 @@ def _check_sqlite(alias: str, config: Mapping[str, Any]) -> list[CheckMessage]:
             )
         )
     return warnings
+
+
+@register()
+def check_data_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """``REDACT`` and ``KEY_LIFETIME``: built here once, as the ledger would build them."""
+    from .redaction import redactor_from_setting
+    from .types import parse_duration
+
+    value = getattr(settings, "AGENT_LEDGER", {})
+    if not isinstance(value, dict):
+        return []  # E001 says so
+    errors: list[CheckMessage] = []
+    redact = value.get("REDACT")
+    if redact is not None:
+        try:
+            redactor_from_setting(redact, str(getattr(settings, "SECRET_KEY", "")))
+        except EffectLedgerValidationError as exc:
+            function = exc.field == "REDACT['function']"
+            errors.append(
+                Error(
+                    f"AGENT_LEDGER['REDACT'] is invalid: {exc}",
+                    hint=(
+                        "Give the dotted path of a function (value, *, tool, part) -> value."
+                        if function
+                        else 'A list of key-path rules ("authorization", "*.api_key", '
+                        '"card.number") or a dict with paths, tools, function, hash, hash_key.'
+                    ),
+                    id="agent_ledger.E012" if function else "agent_ledger.E011",
+                )
+            )
+    lifetime = value.get("KEY_LIFETIME")
+    if lifetime is not None:
+        try:
+            parse_duration(lifetime, "KEY_LIFETIME")
+        except EffectLedgerValidationError as exc:
+            errors.append(
+                Error(
+                    f"AGENT_LEDGER['KEY_LIFETIME'] is invalid: {exc}",
+                    hint='None (pruned keys stay closed forever), a duration such as "365d", '
+                    "or a timedelta.",
+                    id="agent_ledger.E013",
+                )
+            )
+    return errors

@@ -30,6 +30,7 @@ from .errors import (
     EffectStoreError,
     EffectTimeoutError,
 )
+from .redaction import Redactor
 from .stores.base import EffectStore, NewEffect
 from .types import (
     DEFAULT_MAX_ARGS_SIZE_BYTES,
@@ -67,6 +68,9 @@ class EffectLedgerOptions:
     #: Defaults for every ``run``; the fields a call's own ``RunOptions`` set win, field by
     #: field (also inside ``concurrency`` and ``stale``).
     defaults: RunOptions | None = None
+    #: What to redact before storage (``agent_ledger.redaction``); None: the store's default
+    #: (``DjangoStore``: ``AGENT_LEDGER["REDACT"]``), else nothing.
+    redact: Redactor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.store, EffectStore):
@@ -80,6 +84,7 @@ class EffectLedgerOptions:
             raise EffectLedgerValidationError("must be an int", field="max_args_size_bytes")
         require_number(self.max_args_size_bytes, "max_args_size_bytes", minimum=1)
         require_instance(self.defaults, RunOptions, "defaults")
+        require_instance(self.redact, Redactor, "redact")
 
 
 class EffectLedger:
@@ -114,13 +119,13 @@ class EffectLedger:
         initial = (
             EffectStatus.REQUIRES_APPROVAL if options.requires_approval else EffectStatus.PROCESSING
         )
-        new = self._prepare(call, initial)
+        new, raw_args = self._prepare_call(call, initial)
         since = time.monotonic()
         record = await self.store.begin(new)
         effect = record.effect
         if record.created and effect.status is EffectStatus.PROCESSING:
-            return await self._execute(effect, handler, options)
-        return await self._settle(effect, handler, options, since)
+            return await self._execute(effect, handler, options, raw_args=raw_args)
+        return await self._settle(effect, handler, options, since, raw_args=raw_args)
 
     async def begin(self, call: ToolCall) -> BeginResult:
         """Start an effect by hand; ``claimed`` says whether you must now run the tool and commit.
@@ -171,6 +176,7 @@ class EffectLedger:
         if fence is None:
             fence = self._fences.get(effect_id)
         who = Actor.coerce(actor)
+        outcome = await self._redact_committed(effect_id, outcome)
         if isinstance(outcome, CommitSucceeded):
             try:
                 outcome = CommitSucceeded(result=_json_copy(outcome.result, "result"))
@@ -232,6 +238,13 @@ class EffectLedger:
     # -- internals -----------------------------------------------------------------------------
 
     def _prepare(self, call: ToolCall, status: EffectStatus = EffectStatus.PROCESSING) -> NewEffect:
+        return self._prepare_call(call, status)[0]
+
+    def _prepare_call(
+        self, call: ToolCall, status: EffectStatus = EffectStatus.PROCESSING
+    ) -> tuple[NewEffect, str | None]:
+        """The effect to insert (its arguments redacted) and, when redaction changed them,
+        the raw arguments' canonical JSON, which only the handler sees."""
         if not isinstance(call, ToolCall):
             raise EffectLedgerValidationError(
                 f"must be a ToolCall, got {type(call).__name__}", field="call"
@@ -244,17 +257,25 @@ class EffectLedger:
                 f"canonical JSON is {size} bytes, over max_args_size_bytes ({limit})", field="args"
             )
         resource = keys.resource_canonical(call.resource) if call.resource is not None else None
-        return NewEffect(
+        # The key comes from the raw arguments, so replays dedupe whatever is redacted.
+        idem_key = keys.idem_key(call, args_canonical)
+        stored, raw = args_canonical, None
+        redactor = self._redactor()
+        if redactor:
+            stored = redactor.args_canonical(call.tool, call.args)
+            raw = args_canonical if stored != args_canonical else None
+        new = NewEffect(
             id=str(uuid.uuid4()),
-            idem_key=keys.idem_key(call, args_canonical),
+            idem_key=idem_key,
             workflow_id=call.workflow_id,
             call_id=call.call_id or str(uuid.uuid4()),
             tool=call.tool,
             status=status,
-            args_canonical=args_canonical,
+            args_canonical=stored,
             resource_id_canonical=resource,
             actor=SYSTEM,
         )
+        return new, raw
 
     def _run_options(self, given: RunOptions | None) -> _Resolved:
         if given is not None and not isinstance(given, RunOptions):
@@ -270,13 +291,18 @@ class EffectLedger:
         while len(self._fences) > _FENCE_MEMORY:
             self._fences.popitem(last=False)
 
-    async def _execute(self, effect: Effect, handler: Handler, options: _Resolved) -> Any:
+    async def _execute(
+        self, effect: Effect, handler: Handler, options: _Resolved, *, raw_args: str | None = None
+    ) -> Any:
         """Run the handler as the effect's owner (``effect.fence``) and commit the outcome.
 
         If the commit is refused (the effect was taken over or canceled while the handler ran),
         every caller of the key must see the one recorded outcome, so we report that instead of
-        our own, whether our handler returned or raised.
+        our own, whether our handler returned or raised. ``raw_args``: the arguments before
+        redaction, which the handler is given (the store holds the redacted ones).
         """
+        if raw_args is not None:
+            effect = dataclasses.replace(effect, args_canonical=raw_args)
         try:
             value = await _call(handler, effect)
         except Exception as exc:
@@ -294,6 +320,8 @@ class EffectLedger:
         committed = await self._commit_owned(effect, CommitSucceeded(result), options)
         if committed is None:
             return await self._follow(effect, options)
+        if committed.status is EffectStatus.FAILED and committed.error is not None:
+            raise EffectFailedError(effect.idem_key, committed.error)  # redaction failed
         return committed.result
 
     async def _commit_owned(
@@ -309,6 +337,7 @@ class EffectLedger:
         """
         window_ms = options.stale.after_ms or options.concurrency.wait_timeout_ms
         deadline = time.monotonic() + window_ms / 1000
+        outcome = self._redact_outcome(effect, outcome)
         backoff = _Backoff(options.concurrency)
         while True:
             try:
@@ -330,6 +359,7 @@ class EffectLedger:
         since: float,
         *,
         reread: bool = False,
+        raw_args: str | None = None,
     ) -> Any:
         """Wait (woken by the store, or with backoff and jitter) until the effect is terminal,
         claiming it if it becomes ready or stale, then return or raise its outcome.
@@ -375,7 +405,7 @@ class EffectLedger:
                 except EffectStoreError as exc:
                     failure, claimed = exc, None
                 if claimed is not None:
-                    return await self._execute(claimed, handler, options)
+                    return await self._execute(claimed, handler, options, raw_args=raw_args)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if failure is not None:
@@ -396,6 +426,39 @@ class EffectLedger:
                 effect = changed
                 continue
             reread = True
+
+    # -- redaction (agent_ledger.redaction) -----------------------------------------------------
+
+    def _redactor(self) -> Redactor | None:
+        """The ledger's redactor, else the store's default (read per call: settings change)."""
+        given = self._options.redact
+        if given is None:
+            given = getattr(self.store, "redactor", None)
+        return given if isinstance(given, Redactor) and given else None
+
+    def _redact_outcome(self, effect: Effect, outcome: CommitOutcome) -> CommitOutcome:
+        """What the store keeps of an outcome: the result with its rules applied; an error
+        message without the strings redacted from ``effect``'s arguments (raw ones, here)."""
+        redactor = self._redactor()
+        if redactor is None:
+            return outcome
+        try:
+            secrets = redactor.redact(effect.args, tool=effect.tool, part="args")[1]
+            if isinstance(outcome, CommitSucceeded):
+                result = redactor.redact(outcome.result, tool=effect.tool, part="result")[0]
+                return CommitSucceeded(result=_json_copy(result, "result"))
+            return CommitFailed(redactor.error(outcome.error, secrets))
+        except Exception as exc:
+            # Never store what could not be redacted, and never leave the effect processing.
+            message = f"redaction failed ({type(exc).__name__}); the outcome was not stored"
+            return CommitFailed(EffectError(message, code="redaction_failed"))
+
+    async def _redact_committed(self, effect_id: str, outcome: CommitOutcome) -> CommitOutcome:
+        """``commit``'s outcome redacted by the effect's tool (read, when there are rules)."""
+        if self._redactor() is None:
+            return outcome
+        effect = await self.store.get(effect_id)
+        return outcome if effect is None else self._redact_outcome(effect, outcome)
 
 
 class _Backoff:

@@ -47,6 +47,7 @@ from ..conf import ledger_settings
 from ..errors import EffectLedgerValidationError, EffectNotFoundError, EffectStoreError
 from ..models import Effect as EffectRow
 from ..models import EffectTombstone, EffectTransition
+from ..redaction import Redactor, settings_redactor
 from ..types import (
     TERMINAL_STATUSES,
     Actor,
@@ -102,6 +103,11 @@ class DjangoStore:
 
     def __repr__(self) -> str:
         return f"DjangoStore(using={self._using!r})"
+
+    @property
+    def redactor(self) -> Redactor | None:
+        """``AGENT_LEDGER["REDACT"]``: what every ledger on this store redacts by default."""
+        return settings_redactor()
 
     # -- the async protocol: each runs its sync twin on the store's threads --------------------
 
