@@ -11,10 +11,12 @@ from .errors import (
     EffectLedgerError,
     EffectLedgerValidationError,
     EffectNotFoundError,
+    EffectPurgedError,
     EffectStoreError,
     EffectTimeoutError,
 )
 from .ledger import EffectLedger, EffectLedgerOptions
+from .redaction import Redactor
 from .stores.base import EffectStore
 from .stores.memory import MemoryStore
 from .types import (
@@ -53,11 +55,13 @@ __all__ = [
     "EffectLedgerOptions",
     "EffectLedgerValidationError",
     "EffectNotFoundError",
+    "EffectPurgedError",
     "EffectStatus",
     "EffectStore",
     "EffectStoreError",
     "EffectTimeoutError",
     "MemoryStore",
+    "Redactor",
     "ResourceDescriptor",
     "RunOptions",
     "StaleOptions",

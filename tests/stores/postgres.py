@@ -37,6 +37,7 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[PostgresStore]:
     async with await connect(options=search_path(schema)) as conn:
         await conn.execute("DELETE FROM agent_ledger_effecttransition")
         await conn.execute("DELETE FROM agent_ledger_effect")
+        await conn.execute("DELETE FROM agent_ledger_effecttombstone")
     async with schema_pool(schema) as pool:
         yield PostgresStore(pool=pool)
 
