@@ -30,6 +30,7 @@ from .errors import (
     EffectStoreError,
     EffectTimeoutError,
 )
+from .operator import require_outcome, require_reason
 from .redaction import Redactor
 from .stores.base import EffectStore, NewEffect
 from .types import (
@@ -227,6 +228,42 @@ class EffectLedger:
     ) -> bool:
         """Stop an effect that has not finished; a handler still running cannot commit after it."""
         return await self._decide("cancel", idem_key, actor, reason)
+
+    async def retry(self, idem_key: str, *, actor: Actor | str, reason: str) -> bool:
+        """An operator reopens a failed effect (``failed -> ready``, see ``agent_ledger.operator``):
+        the next run of the key runs the handler again. False when it was not failed."""
+        _require_id(idem_key, "idem_key")
+        reason = require_reason(reason)
+        record = await self._operator_store().reopen(
+            idem_key, actor=Actor.coerce(actor), reason=reason
+        )
+        return bool(record.changed)
+
+    async def resolve(
+        self, idem_key: str, outcome: CommitOutcome, *, actor: Actor | str, reason: str
+    ) -> bool:
+        """An operator records the outcome of a processing effect whose owner is gone
+        (``processing -> succeeded|failed``); waiting callers receive it. False when it was
+        not processing."""
+        _require_id(idem_key, "idem_key")
+        reason = require_reason(reason)
+        outcome = require_outcome(outcome)
+        if isinstance(outcome, CommitSucceeded):
+            outcome = CommitSucceeded(result=_json_copy(outcome.result, "result"))
+        store = self._operator_store()
+        effect = await self.store.get_by_idem_key(idem_key)
+        if effect is not None:
+            outcome = self._redact_outcome(effect, outcome)
+        record = await store.resolve(idem_key, outcome, actor=Actor.coerce(actor), reason=reason)
+        return bool(record.changed)
+
+    def _operator_store(self) -> Any:
+        if not (hasattr(self.store, "reopen") and hasattr(self.store, "resolve")):
+            raise EffectLedgerError(
+                f"{type(self.store).__name__} has no operator actions; retry and resolve "
+                "through Django (agent_ledger.services), which shares its tables"
+            )
+        return self.store
 
     async def _decide(
         self, name: str, idem_key: str, actor: Actor | str | None, reason: str | None
@@ -440,18 +477,7 @@ class EffectLedger:
         """What the store keeps of an outcome: the result with its rules applied; an error
         message without the strings redacted from ``effect``'s arguments (raw ones, here)."""
         redactor = self._redactor()
-        if redactor is None:
-            return outcome
-        try:
-            secrets = redactor.redact(effect.args, tool=effect.tool, part="args")[1]
-            if isinstance(outcome, CommitSucceeded):
-                result = redactor.redact(outcome.result, tool=effect.tool, part="result")[0]
-                return CommitSucceeded(result=_json_copy(result, "result"))
-            return CommitFailed(redactor.error(outcome.error, secrets))
-        except Exception as exc:
-            # Never store what could not be redacted, and never leave the effect processing.
-            message = f"redaction failed ({type(exc).__name__}); the outcome was not stored"
-            return CommitFailed(EffectError(message, code="redaction_failed"))
+        return outcome if redactor is None else redactor.outcome(effect, outcome)
 
     async def _redact_committed(self, effect_id: str, outcome: CommitOutcome) -> CommitOutcome:
         """``commit``'s outcome redacted by the effect's tool (read, when there are rules)."""

@@ -42,7 +42,7 @@ from typing import Any
 
 from . import keys
 from .errors import EffectLedgerValidationError
-from .types import EffectError
+from .types import CommitFailed, CommitOutcome, CommitSucceeded, Effect, EffectError
 
 __all__ = ["REDACTED", "Redactor", "settings_redactor"]
 
@@ -154,6 +154,23 @@ class Redactor:
             if len(secret) >= MIN_SECRET_LENGTH:
                 message = message.replace(secret, REDACTED)
         return error if message == error.message else EffectError(message, error.code)
+
+    def outcome(self, effect: Effect, outcome: CommitOutcome) -> CommitOutcome:
+        """What the store keeps of ``effect``'s outcome: the result with the rules applied, an
+        error message without the strings redacted from ``effect``'s arguments (the handler's
+        raw ones, when the ledger has them). A redaction that fails stores a failure (code
+        ``redaction_failed``), never the unredacted result."""
+        try:
+            secrets = self.redact(effect.args, tool=effect.tool, part="args")[1]
+            if isinstance(outcome, CommitSucceeded):
+                result = self.redact(outcome.result, tool=effect.tool, part="result")[0]
+                keys.check_json(result, "result", hashed=False)
+                return CommitSucceeded(result=json.loads(json.dumps(result, default=dict)))
+            return CommitFailed(self.error(outcome.error, secrets))
+        except Exception as exc:
+            # Never store what could not be redacted, and never leave the effect processing.
+            message = f"redaction failed ({type(exc).__name__}); the outcome was not stored"
+            return CommitFailed(EffectError(message, code="redaction_failed"))
 
     def rules_for(self, tool: str) -> tuple[_Rule, ...]:
         """The global rules plus those of every tool glob ``tool`` matches."""

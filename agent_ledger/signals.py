@@ -22,6 +22,7 @@ __all__ = [
     "effect_canceled",
     "effect_denied",
     "effect_failed",
+    "effect_reopened",
     "effect_succeeded",
 ]
 
@@ -37,3 +38,6 @@ effect_canceled = Signal()
 effect_succeeded = Signal()
 #: The tool ran and raised (or returned something that is not JSON); the error was stored.
 effect_failed = Signal()
+
+#: ``failed -> ready`` by an operator (``agent_ledger.retry_effect``): the next run runs again.
+effect_reopened = Signal()

@@ -159,6 +159,22 @@ class DjangoStore:
         listen(self.using)
         return await notifier.wait(effect_id, timeout_s, since)
 
+    # -- operator actions (``agent_ledger.operator``; ORM code in ``django_operator``) ---------
+
+    async def reopen(self, idem_key: str, *, actor: Actor, reason: str) -> TransitionRecord:
+        from .django_operator import reopen_sync
+
+        return await in_thread(reopen_sync, self.using, idem_key, actor=actor, reason=reason)
+
+    async def resolve(
+        self, idem_key: str, outcome: CommitOutcome, *, actor: Actor, reason: str
+    ) -> TransitionRecord:
+        from .django_operator import resolve_sync
+
+        return await in_thread(
+            resolve_sync, self.using, idem_key, outcome, actor=actor, reason=reason
+        )
+
     # -- sync twins: the ORM code ---------------------------------------------------------------
 
     def begin_sync(self, new: NewEffect) -> BeginRecord:

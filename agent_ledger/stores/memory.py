@@ -13,6 +13,7 @@ from collections.abc import Collection
 from datetime import datetime, timedelta, timezone
 
 from ..errors import EffectNotFoundError, EffectPurgedError
+from ..operator import reopen_reason
 from ..types import (
     TERMINAL_STATUSES,
     Actor,
@@ -145,6 +146,60 @@ class MemoryStore:
         self, effect_id: str, timeout_s: float, since: float
     ) -> Effect | None:
         return await self._notifier.wait(effect_id, timeout_s, since)
+
+    # -- operator actions (``agent_ledger.operator``) -------------------------------------------
+
+    async def reopen(self, idem_key: str, *, actor: Actor, reason: str) -> TransitionRecord:
+        """``failed -> ready``, the error cleared into the history row's reason."""
+        with self._lock:
+            effect = self._by_key(idem_key)
+            if effect.status is not EffectStatus.FAILED:
+                return TransitionRecord(effect, changed=False)
+            updated = dataclasses.replace(
+                effect,
+                status=EffectStatus.READY,
+                error=None,
+                result=None,
+                completed_at=None,
+                updated_at=_now(),
+            )
+            self._by_id[effect.id] = updated
+            self._record(updated, effect.status, actor, reopen_reason(reason, effect.error))
+        self._notifier.notify(effect.id, updated)
+        return TransitionRecord(updated, changed=True)
+
+    async def resolve(
+        self, idem_key: str, outcome: CommitOutcome, *, actor: Actor, reason: str
+    ) -> TransitionRecord:
+        """``processing -> succeeded|failed`` with the operator's outcome; the fence rises."""
+        with self._lock:
+            effect = self._by_key(idem_key)
+            if effect.status is not EffectStatus.PROCESSING:
+                return TransitionRecord(effect, changed=False)
+            now = _now()
+            if isinstance(outcome, CommitSucceeded):
+                status, result, error = EffectStatus.SUCCEEDED, outcome.result, None
+            else:
+                status, result, error = EffectStatus.FAILED, None, outcome.error
+            updated = dataclasses.replace(
+                effect,
+                status=status,
+                result=result,
+                error=error,
+                fence=effect.fence + 1,
+                updated_at=now,
+                completed_at=now,
+            )
+            self._by_id[effect.id] = updated
+            self._record(updated, effect.status, actor, reason)
+        self._notifier.notify(effect.id, updated)
+        return TransitionRecord(updated, changed=True)
+
+    def _by_key(self, idem_key: str) -> Effect:
+        effect_id = self._id_by_key.get(idem_key)
+        if effect_id is None:
+            raise EffectNotFoundError(idem_key)
+        return self._by_id[effect_id]
 
     # -- retention (the Django tables have ``agent_ledger.retention``) --------------------------
 

@@ -45,6 +45,7 @@ from ..types import (
     Transition,
 )
 from ._listen import Listener
+from ._postgres_operator import OperatorMixin
 from ._tombstones import NOT_TOMBSTONED, PURGED, purged
 from .base import (
     CHANNEL,
@@ -254,7 +255,7 @@ _DRIVER_ERRORS = (psycopg.Error, OSError)
 _DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
 
 
-class PostgresStore:
+class PostgresStore(OperatorMixin):
     """Effects and their history in ``agent_ledger``'s tables, through a psycopg 3 async pool.
 
     The pool is the caller's to open and close; the tables are found on its connections'
