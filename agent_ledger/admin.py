@@ -32,6 +32,7 @@ from django.utils.translation import ngettext
 from django.views.decorators.http import require_POST
 
 from . import services
+from .admin_operator import OperatorAdminMixin
 from .errors import EffectLedgerValidationError, EffectNotFoundError
 from .models import Effect, EffectStatus, EffectTransition
 from .types import Actor
@@ -161,7 +162,7 @@ class TransitionInline(admin.TabularInline):  # type: ignore[type-arg]
 
 
 @admin.register(Effect)
-class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = (
         "created_at",
         "workflow_id",
@@ -289,6 +290,7 @@ class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 self.admin_site.admin_view(self.deny_view),
                 name="{}_{}_deny".format(*info),
             ),
+            *self.operator_urls(),
             *super().get_urls(),
         ]
 
@@ -302,6 +304,7 @@ class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         extra_context = {
             **(extra_context or {}),
             "has_approve_permission": self.has_approve_permission(request),
+            **self.operator_context(request),
         }
         return super().change_view(request, object_id, form_url, extra_context)
 
