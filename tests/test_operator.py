@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from django.conf import settings
+from django.db import connections
 from django.contrib.admin.models import LogEntry
 from django.test import Client, override_settings
 from django.urls import reverse
@@ -369,12 +370,16 @@ def test_a_waiting_caller_receives_the_outcome_an_operator_resolved_over_the_api
         waiter = asyncio.create_task(ledger.run(call, lambda e: "ran again", options))
         while (await ledger.get_effect(begun.effect.id)).dedup_count < 1:  # type: ignore[union-attr]
             await asyncio.sleep(0.005)
-        client = await asyncio.to_thread(api_client, RESOLVE)
-        body = {"outcome": "succeeded", "result": {"charge": "ch_9"}, "reason": "seen"}
-        response = await asyncio.to_thread(
-            client.post, api_url("resolve", begun.effect.id), body, format="json"
-        )
-        assert response.status_code == 200
+
+        def operator() -> int:
+            try:
+                body = {"outcome": "succeeded", "result": {"charge": "ch_9"}, "reason": "seen"}
+                url = api_url("resolve", begun.effect.id)
+                return int(api_client(RESOLVE).post(url, body, format="json").status_code)
+            finally:
+                connections.close_all()  # this thread's, before the test database goes
+
+        assert await asyncio.to_thread(operator) == 200
         return await asyncio.wait_for(waiter, 10)
 
     try:
