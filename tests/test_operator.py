@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 from django.conf import settings
-from django.db import connections
 from django.contrib.admin.models import LogEntry
+from django.db import connections
 from django.test import Client, override_settings
 from django.urls import reverse
 from rest_framework.test import APIClient
