@@ -174,7 +174,8 @@ def summary(samples: list[Any], start: float, end: float) -> list[str]:
             continue
         rate = len(times) / (end - start)
         lines.append(
-            f"   {kind:22} {len(times):7,} calls {rate:7.0f}/s  median {statistics.median(times):6.1f}"
+            f"   {kind:22} {len(times):7,} calls {rate:7.0f}/s"
+            f"  median {statistics.median(times):6.1f}"
             f"  p95 {percentile(times, 0.95):6.1f}  p99 {percentile(times, 0.99):6.1f}"
             f"  max {max(times):7.1f} ms"
         )
@@ -197,6 +198,7 @@ def measure(batch_size: int, baseline_s: float, callers: int) -> int:
 
     prune_start = time.time()
     call_command("agent_ledger_prune", "--older-than", "90d", "--batch-size", str(batch_size))
+    # (the command prints its progress at most once a second)
     prune_end = time.time()
     time.sleep(2)
     process.stdin.close()
@@ -205,7 +207,8 @@ def measure(batch_size: int, baseline_s: float, callers: int) -> int:
     seconds = prune_end - prune_start
     with psycopg.connect(conninfo(schema=SCHEMA, app="prune-check"), autocommit=True) as conn:
         left = conn.execute(
-            "SELECT (SELECT count(*) FROM agent_ledger_effect WHERE workflow_id NOT LIKE 'traffic-%%'),"
+            "SELECT (SELECT count(*) FROM agent_ledger_effect"
+            "        WHERE workflow_id NOT LIKE 'traffic-%%'),"
             " (SELECT count(*) FROM agent_ledger_effecttombstone)"
         ).fetchone()
     assert left is not None
@@ -242,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     ensure_database()
     facts = machine_facts()
     print(
-        f"machine: {facts['cpu']}; PostgreSQL {facts['postgresql']}; {facts['date']}; git {facts['git']}"
+        f"machine: {facts['cpu']}; PostgreSQL {facts['postgresql']}; {facts['date']};"
+        f" git {facts['git']}"
     )
     setup_django(SCHEMA, pool_size=2, django_conn="persistent")
     seed()

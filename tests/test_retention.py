@@ -167,7 +167,7 @@ def test_the_command_prunes_prints_progress_and_supports_a_dry_run() -> None:
     out = StringIO()
     call_command("agent_ledger_prune", "--older-than=90d", "--batch-size=2", stdout=out)
     text = out.getvalue()
-    assert "batch 1: 2 effects" in text and "batch 2: 3 effects" in text
+    assert "batch 1: 2 effects" in text  # then at most a line a second
     assert "pruned 3 effects and 6 history rows" in text
     assert not Effect.objects.exists()
 

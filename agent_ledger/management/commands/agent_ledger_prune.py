@@ -51,7 +51,13 @@ class Command(BaseCommand):
                 )
             )
 
+        last = [0.0]
+
         def progress(report: PruneReport) -> None:
+            # At most one line a second (a large prune has thousands of batches).
+            if time.monotonic() - last[0] < 1:
+                return
+            last[0] = time.monotonic()
             self.stdout.write(
                 f"batch {report.batches}: {report.effects:,} effects, "
                 f"{report.transitions:,} history rows pruned so far "
