@@ -1,6 +1,7 @@
 """The admin: a read-only audit browser, and the approval dashboard for effects awaiting a human.
 
-Nobody edits an effect here. The only writes are approve and deny, which are POST-only views
+Nobody edits an effect here. The only writes are approve and deny (and the operator actions of
+``admin_operator``: retry, resolve), which are POST-only views
 (and bulk actions) that check ``agent_ledger.approve_effect`` and go through
 ``agent_ledger.services`` so the history row names the user. The changelist is built to stay
 fast on a large table: no full ``COUNT(*)``, no facet counts, no full-table ``DISTINCT``.

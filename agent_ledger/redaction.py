@@ -266,6 +266,12 @@ def _build(setting: str, secret_key: str) -> Redactor:
 
 def redactor_from_setting(value: Any, secret_key: str) -> Redactor:
     """Validate ``AGENT_LEDGER["REDACT"]`` and build its ``Redactor`` (checks E011/E012 use it)."""
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise EffectLedgerValidationError(
+            f"must hold only lists, dicts, strings and bools: {exc}", field="REDACT"
+        ) from exc
     if isinstance(value, (list, tuple)):
         value = {"paths": value}
     if not isinstance(value, Mapping):

@@ -268,3 +268,13 @@ async def test_postgres_store_keeps_no_raw_value_in_any_column() -> None:
         assert len(dumped) == 2 + 4  # two effects, two history rows each
         assert_no_secret("\n".join(dumped))
         assert any(REDACTED in json.loads(row).get("args_canonical", "") for row in dumped)
+
+
+@pytest.mark.parametrize(
+    ("older_than", "field"),
+    [("90x", "older_than"), (0, "older_than"), ("0d", "older_than"), (None, "older_than")],
+)
+async def test_memory_store_prune_refuses_bad_durations(older_than: Any, field: str) -> None:
+    with pytest.raises(EffectLedgerValidationError) as caught:
+        await MemoryStore().prune(older_than)
+    assert caught.value.field == field

@@ -285,3 +285,32 @@ def test_replays_racing_a_prune_never_run_the_handler_and_fresh_calls_go_on() ->
     assert EffectTombstone.objects.count() == 60
     assert set(Effect.objects.values_list("workflow_id", flat=True)) <= {"new"}
     assert Effect.objects.filter(workflow_id="new", status=EffectStatus.SUCCEEDED).count() == fresh
+
+
+def test_on_postgresql_a_batch_waits_for_snapshots_older_than_its_tombstones() -> None:
+    """A session holding a snapshot from before the tombstones could still insert the key once
+    its effect is deleted: the prune waits for it (here: gives up after a short wait, leaving
+    tombstones and effects both in place), and finishes once it is gone."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        pytest.skip("SQLite serialises writers: there are no older snapshots to wait for")
+    import psycopg
+
+    from agent_ledger import EffectStoreError
+
+    effect = finished()
+    params = connection.get_connection_params()
+    with psycopg.connect(
+        autocommit=True,
+        **{key: params[key] for key in ("host", "port", "user", "dbname") if params.get(key)},
+    ) as other:
+        other.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        other.execute("SELECT count(*) FROM agent_ledger_effect")  # takes its snapshot
+        with pytest.raises(EffectStoreError, match="transactions older than the tombstones"):
+            prune("90d", snapshot_wait_s=0.2)
+        assert EffectTombstone.objects.filter(idem_key=effect.idem_key).exists()
+        assert Effect.objects.filter(pk=effect.pk).exists()  # a begin now is a replay
+        other.execute("ROLLBACK")
+    assert prune("90d").effects == 1
+    assert not Effect.objects.filter(pk=effect.pk).exists()

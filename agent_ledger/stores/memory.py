@@ -24,6 +24,7 @@ from ..types import (
     EffectStatus,
     PruneReport,
     Transition,
+    parse_duration,
 )
 from .base import BeginRecord, ChangeNotifier, NewEffect, TransitionRecord, claimable
 
@@ -204,11 +205,14 @@ class MemoryStore:
     # -- retention (the Django tables have ``agent_ledger.retention``) --------------------------
 
     async def prune(
-        self, older_than: timedelta, *, key_lifetime: timedelta | None = None
+        self, older_than: timedelta | str, *, key_lifetime: timedelta | str | None = None
     ) -> PruneReport:
         """Drop effects finished before ``older_than`` ago and their history, keeping their
         keys closed (``begin`` raises ``EffectPurgedError``) until ``key_lifetime`` after the
         effect's creation (None: forever)."""
+        older_than = parse_duration(older_than, "older_than")
+        if key_lifetime is not None:
+            key_lifetime = parse_duration(key_lifetime, "key_lifetime")
         report = PruneReport()
         with self._lock:
             now = _now()
