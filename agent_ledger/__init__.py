@@ -4,6 +4,7 @@ Everything here imports without Django settings; the Django parts live in ``mode
 ``stores.django``, ``admin`` and ``api`` and are imported only when used.
 """
 
+from .decorators import ledgered, workflow
 from .errors import (
     ApprovalPendingError,
     EffectDeniedError,
@@ -14,7 +15,9 @@ from .errors import (
     EffectPurgedError,
     EffectStoreError,
     EffectTimeoutError,
+    SyncCallInEventLoopError,
 )
+from .hooks import LedgerHooks
 from .ledger import EffectLedger, EffectLedgerOptions
 from .redaction import Redactor
 from .stores.base import EffectStore
@@ -22,6 +25,7 @@ from .stores.memory import MemoryStore
 from .types import (
     Actor,
     BeginResult,
+    Codec,
     CommitFailed,
     CommitOutcome,
     CommitSucceeded,
@@ -38,10 +42,19 @@ from .types import (
 
 __version__ = "0.1.0"
 
+
+def urls_for(effect: Effect | str, *, request: object = None) -> dict[str, str]:
+    """The admin and API URLs of an effect (needs Django; see ``agent_ledger.links``)."""
+    from .links import urls_for as urls
+
+    return urls(effect, request=request)
+
+
 __all__ = [
     "Actor",
     "ApprovalPendingError",
     "BeginResult",
+    "Codec",
     "CommitFailed",
     "CommitOutcome",
     "CommitSucceeded",
@@ -60,11 +73,16 @@ __all__ = [
     "EffectStore",
     "EffectStoreError",
     "EffectTimeoutError",
+    "LedgerHooks",
     "MemoryStore",
     "Redactor",
     "ResourceDescriptor",
     "RunOptions",
     "StaleOptions",
+    "SyncCallInEventLoopError",
     "ToolCall",
     "Transition",
+    "ledgered",
+    "urls_for",
+    "workflow",
 ]

@@ -9,9 +9,10 @@ fast on a large table: no full ``COUNT(*)``, no facet counts, no full-table ``DI
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.contrib import admin, messages
@@ -22,12 +23,20 @@ from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
 from django.db import connections
 from django.db.models import Q, QuerySet
-from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBadRequest,
+    HttpResponseRedirect,
+)
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
+from django.utils import dateformat, timezone
 from django.utils.decorators import method_decorator
 from django.utils.functional import cached_property
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import SafeString
 from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 from django.views.decorators.http import require_POST
@@ -35,11 +44,22 @@ from django.views.decorators.http import require_POST
 from . import services
 from .admin_operator import OperatorAdminMixin
 from .errors import EffectLedgerValidationError, EffectNotFoundError
-from .models import Effect, EffectStatus, EffectTransition
+from .models import (
+    Effect,
+    EffectStatus,
+    EffectTransition,
+    effect_timing,
+    last_decision,
+    status_label,
+)
 from .types import Actor
 
 #: Longest JSON text the detail page shows in full; larger values are cut with a note.
 JSON_DISPLAY_LIMIT = 50_000
+#: Longest arguments summary in the list (one line per effect).
+SUMMARY_LENGTH = 80
+#: Effects named one by one in a bulk action's "already decided" messages.
+NAMED_IN_MESSAGES = 10
 
 
 _IDEM_KEY = re.compile(r"[0-9a-fA-F]{64}")
@@ -89,11 +109,10 @@ class StatusFilter(admin.SimpleListFilter):
     parameter_name = "status"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, Any]]:
-        awaiting = [(EffectStatus.REQUIRES_APPROVAL, _("awaiting approval"))]
-        return awaiting + [
-            (value, label)
-            for value, label in EffectStatus.choices
-            if value != EffectStatus.REQUIRES_APPROVAL
+        # Awaiting approval first: it is the queue people come here for.
+        waiting = EffectStatus.REQUIRES_APPROVAL
+        return [(waiting.value, waiting.label)] + [
+            (value, label) for value, label in EffectStatus.choices if value != waiting
         ]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
@@ -130,7 +149,7 @@ class TransitionInline(admin.TabularInline):  # type: ignore[type-arg]
     """The effect's append-only history, oldest first; never editable."""
 
     model = EffectTransition
-    fields = ("at", "from_status", "to_status", "actor", "reason")
+    fields = ("when", "from_status", "to_status", "actor", "reason")
     readonly_fields = fields
     extra = 0
     max_num = 0
@@ -156,23 +175,37 @@ class TransitionInline(admin.TabularInline):  # type: ignore[type-arg]
             for action in ("view", "change")
         )
 
+    @admin.display(description=_("at"))
+    def when(self, obj: EffectTransition) -> str:
+        return format_when(obj.at)
+
     @admin.display(description=_("by"))
     def actor(self, obj: EffectTransition) -> str:
-        who = obj.actor_name or (f"user #{obj.actor_user_id}" if obj.actor_user_id else "")
-        return f"{obj.actor_label}: {who}" if who else obj.actor_label
+        return obj.actor_display
 
 
 @admin.register(Effect)
 class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = (
-        "created_at",
+        "created",
         "workflow_id",
         "tool",
+        "args_summary",
         "status_badge",
         "dedup_count",
         "duration",
+        "human_wait",
     )
-    list_display_links = ("created_at",)
+    #: The pending queue (``?status=requires_approval``): what is asked, and for how long.
+    queue_display = (
+        "created",
+        "workflow_id",
+        "tool",
+        "args_summary",
+        "waiting_for",
+        "status_badge",
+    )
+    list_display_links = ("created",)
     list_filter = (StatusFilter, ToolFilter, ("created_at", admin.DateFieldListFilter))
     date_hierarchy = "created_at"
     # Exact and prefix lookups only: each can use an index, none scans the table with LIKE %x%.
@@ -194,7 +227,7 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
         return queryset.filter(matches), False
 
     # Sorting by other columns would sort the whole (filtered) table for one page.
-    sortable_by = ("created_at",)
+    sortable_by = ("created",)
     show_full_result_count = False
     show_facets = admin.ShowFacets.NEVER
     paginator = CappedCountPaginator
@@ -204,23 +237,14 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
     change_list_template = "agent_ledger/admin/effect_change_list.html"
     change_form_template = "agent_ledger/admin/effect_change_form.html"
     fieldsets = (
-        (
-            None,
-            {
-                "fields": (
-                    "status_badge",
-                    "workflow_id",
-                    "tool",
-                    "call_id",
-                    "idem_key",
-                    "dedup_count",
-                    "fence",
-                )
-            },
-        ),
-        (_("Timing"), {"fields": ("created_at", "updated_at", "completed_at", "duration")}),
+        (None, {"fields": ("status_badge", "workflow_id", "tool")}),
         (_("Call"), {"fields": ("args_json", "resource_json")}),
         (_("Outcome"), {"fields": ("result_json", "error_json")}),
+        (
+            _("Timing"),
+            {"fields": ("created", "updated", "completed", "duration", "human_wait")},
+        ),
+        (_("Keys"), {"fields": ("idem_key", "call_id", "fence", "dedup_count")}),
     )
     # Everything shown is read-only: nobody edits args, results or status by hand.
     readonly_fields = tuple(str(name) for _, options in fieldsets for name in options["fields"])
@@ -228,7 +252,16 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
     class Media:
         css = {"all": ("agent_ledger/admin.css",)}
 
-    # -- read-only ---------------------------------------------------------------------------
+    def get_fieldsets(self, request: HttpRequest, obj: Any = None) -> Any:
+        if obj is None or obj.status != EffectStatus.REQUIRES_APPROVAL:
+            return self.fieldsets
+        # The decision panel above already shows the arguments: once on the page.
+        return [
+            (name, {**options, "fields": [f for f in options["fields"] if f != "args_json"]})
+            for name, options in self.fieldsets
+        ]
+
+    # -- read-only, and nothing is ever deleted ------------------------------------------------
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -237,35 +270,99 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
         # The ledger is an audit record: status changes go through approve/deny, never a form.
         return False
 
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # Deleting an effect frees its key: the agent's next retry would run the tool again.
+        # Superusers included; this also removes the bulk "delete selected" action.
+        return False
+
     def has_approve_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         opts = self.opts
         return request.user.has_perm(f"{opts.app_label}.approve_{opts.model_name}")
 
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Effect]:
+        # The history rows give each row's run time and human wait: one query per page.
+        queryset: QuerySet[Effect] = super().get_queryset(request)
+        return queryset.with_history()  # type: ignore[attr-defined,no-any-return]
+
+    # -- the list: only its own filters, the queue oldest first --------------------------------
+
+    def lookup_allowed(self, lookup: str, value: str, request: Any = None) -> bool:
+        """Only the declared filters and the date drill-down: no ``?args_canonical__contains=``
+        (any field lookup by URL would be a full-table scan, and a way to probe the data)."""
+        field = self.date_hierarchy
+        allowed = {f"{field}__{part}" for part in ("year", "month", "day", "gte", "lt", "isnull")}
+        allowed |= {StatusFilter.parameter_name, ToolFilter.parameter_name}
+        return lookup in allowed
+
+    def changelist_view(
+        self, request: HttpRequest, extra_context: dict[str, Any] | None = None
+    ) -> HttpResponse:
+        if _has_nul(request.GET):
+            # PostgreSQL cannot compare text with NUL in it; the query would fail with a 500.
+            return HttpResponseBadRequest(_("Filter values must not contain NUL characters."))
+        if request.method == "POST" and _has_nul(request.POST):
+            return HttpResponseBadRequest(_("Values must not contain NUL characters."))
+        return super().changelist_view(request, extra_context)
+
+    def _is_queue(self, request: HttpRequest) -> bool:
+        return request.GET.get(StatusFilter.parameter_name) == EffectStatus.REQUIRES_APPROVAL
+
+    def get_list_display(self, request: HttpRequest) -> Any:
+        return self.queue_display if self._is_queue(request) else self.list_display
+
+    def get_ordering(self, request: HttpRequest) -> Any:
+        # Whoever has waited longest is decided first.
+        return ("created_at",) if self._is_queue(request) else ("-created_at",)
+
     # -- columns -----------------------------------------------------------------------------
+
+    @admin.display(description=_("created"), ordering="created_at")
+    def created(self, obj: Effect) -> str:
+        return format_when(obj.created_at)
+
+    @admin.display(description=_("updated"))
+    def updated(self, obj: Effect) -> str:
+        return format_when(obj.updated_at)
+
+    @admin.display(description=_("completed"))
+    def completed(self, obj: Effect) -> str:
+        return format_when(obj.completed_at)
 
     @admin.display(description=_("status"), ordering="status")
     def status_badge(self, obj: Effect) -> str:
-        return format_html(
-            '<span class="agent-ledger-badge agent-ledger-badge--{}">{}</span>',
-            obj.status,
-            obj.get_status_display(),
-        )
+        return status_badge(obj.status)
+
+    @admin.display(description=_("arguments"))
+    def args_summary(self, obj: Effect) -> str:
+        return format_html('<span class="agent-ledger-summary">{}</span>', summarize(obj.args))
 
     @admin.display(description=_("duration"))
     def duration(self, obj: Effect) -> str:
-        if obj.completed_at is None or obj.created_at is None:
+        """The tool's own run, claim to commit; time waiting for a human is not in it."""
+        ran = effect_timing(obj, timezone.now()).ran
+        return "-" if ran is None else format_duration(ran)
+
+    @admin.display(description=_("waited for a human"))
+    def human_wait(self, obj: Effect) -> str:
+        timing = effect_timing(obj, timezone.now())
+        if timing.waited is None:
             return "-"
-        return format_duration(obj.completed_at - obj.created_at)
+        text = format_duration(timing.waited)
+        return _("%s so far") % text if timing.waiting else text
+
+    @admin.display(description=_("waiting for"))
+    def waiting_for(self, obj: Effect) -> str:
+        waited = effect_timing(obj, timezone.now()).waited
+        return "-" if waited is None else format_duration(waited)
 
     @admin.display(description=_("arguments"))
     def args_json(self, obj: Effect) -> str:
-        return _json_block(_loads(obj.args_canonical))
+        return render_args(obj.args)
 
-    @admin.display(description=_("resource id"))
+    @admin.display(description=_("resource"))
     def resource_json(self, obj: Effect) -> str:
-        if obj.resource_id_canonical is None:
-            return "-"
-        return _json_block(_loads(obj.resource_id_canonical))
+        resource = obj.resource
+        return "-" if resource is None else _json_block(resource)
 
     @admin.display(description=_("result"))
     def result_json(self, obj: Effect) -> str:
@@ -275,7 +372,7 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
     def error_json(self, obj: Effect) -> str:
         return "-" if obj.error is None else _json_block(obj.error)
 
-    # -- approve / deny views ----------------------------------------------------------------
+    # -- the effect's page: the decision first -------------------------------------------------
 
     def get_urls(self) -> list[URLPattern]:
         info = self.opts.app_label, self.opts.model_name
@@ -304,10 +401,39 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
     ) -> HttpResponse:
         extra_context = {
             **(extra_context or {}),
-            "has_approve_permission": self.has_approve_permission(request),
+            **self._desk_context(request, object_id),
             **self.operator_context(request),
         }
         return super().change_view(request, object_id, form_url, extra_context)
+
+    def _desk_context(self, request: HttpRequest, object_id: str) -> dict[str, Any]:
+        """What the decision panel shows: the call, who asked and how long it has waited."""
+        context: dict[str, Any] = {"has_approve_permission": self.has_approve_permission(request)}
+        effect = self.get_object(request, unquote(object_id))
+        if effect is None:
+            return context
+        if effect.status == EffectStatus.REQUIRES_APPROVAL:
+            rows = list(effect.transitions.all())
+            asked = next(
+                (r for r in reversed(rows) if r.to_status == EffectStatus.REQUIRES_APPROVAL),
+                None,
+            )
+            since = asked.at if asked is not None else effect.created_at
+            context["desk"] = {
+                "args": render_args(effect.args),
+                "requested_by": asked.actor_display if asked is not None else "-",
+                "since": format_when(since),
+                "waited": format_duration(timezone.now() - since),
+            }
+        elif effect.status == EffectStatus.READY:
+            decision = last_decision(effect)
+            context["next_step"] = {
+                "by": decision.actor_display if decision else "-",
+                "at": format_when(decision.at) if decision else "-",
+            }
+        return context
+
+    # -- approve / deny views ----------------------------------------------------------------
 
     @staticmethod
     def actor(request: HttpRequest) -> Actor:
@@ -324,6 +450,8 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
     def _decision_view(self, request: HttpRequest, object_id: str, decision: str) -> HttpResponse:
         if not self.has_approve_permission(request):
             raise PermissionDenied
+        if _has_nul(request.POST):
+            return HttpResponseBadRequest(_("The reason must not contain NUL characters."))
         effect = self.get_object(request, unquote(object_id))
         if effect is None:
             raise Http404(_("No effect with that id."))
@@ -340,27 +468,21 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
         outcome = self._decide(request, effect, decision, reason)
         if outcome is None:
             return here
-        changed, status = outcome
-        if changed:
+        if outcome.changed:
             done = _("Approved") if decision == "approve" else _("Denied")
             self.message_user(
                 request,
-                f"{done} {effect.tool} in {effect.workflow_id}; its status is now {status}.",
+                f"{done} {effect.tool} in {effect.workflow_id}; it is now {outcome.status_label}.",
                 messages.SUCCESS,
             )
         else:
-            self.message_user(
-                request,
-                _("Already decided: this effect is no longer awaiting approval (status: %s).")
-                % status,
-                messages.WARNING,
-            )
+            self.message_user(request, already_decided(effect, outcome), messages.WARNING)
         return here
 
     def _decide(
         self, request: HttpRequest, effect: Effect, decision: str, reason: str | None
-    ) -> tuple[bool, str] | None:
-        """Apply one decision through the service; ``(changed, new status)`` or None on error."""
+    ) -> Outcome | None:
+        """Apply one decision through the service; None (and a message) on error."""
         decide = services.approve if decision == "approve" else services.deny
         try:
             record = decide(effect.idem_key, actor=self.actor(request), reason=reason)
@@ -370,54 +492,79 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
         except EffectLedgerValidationError as exc:
             self.message_user(request, str(exc), messages.ERROR)
             return None
+        status = record.effect.status.value
         if record.changed:
-            message = f"{decision.capitalize()}d" + (f": {reason}" if reason else "")
+            # Logged with the state after the decision, so Recent actions shows the new status.
+            effect.status = status
+            message = (_("Approved") if decision == "approve" else _("Denied")) + (
+                f": {reason}" if reason else ""
+            )
             self.log_change(request, effect, message)
-        return record.changed, record.effect.status.value
+        return Outcome(record.changed, status)
 
-    # -- bulk actions ------------------------------------------------------------------------
+    # -- bulk actions: both confirm first ------------------------------------------------------
 
-    @admin.action(permissions=["approve"], description=_("Approve selected effects"))
-    def approve_selected(self, request: HttpRequest, queryset: QuerySet[Effect]) -> None:
-        self._decide_many(request, queryset, "approve", None)
+    @admin.action(permissions=["approve"], description=_("Approve selected effects…"))
+    def approve_selected(
+        self, request: HttpRequest, queryset: QuerySet[Effect]
+    ) -> HttpResponse | None:
+        return self._confirm_many(request, queryset, "approve")
 
     @admin.action(permissions=["approve"], description=_("Deny selected effects…"))
     def deny_selected(
         self, request: HttpRequest, queryset: QuerySet[Effect]
-    ) -> TemplateResponse | None:
+    ) -> HttpResponse | None:
+        return self._confirm_many(request, queryset, "deny")
+
+    def _confirm_many(
+        self, request: HttpRequest, queryset: QuerySet[Effect], decision: str
+    ) -> HttpResponse | None:
+        """A page listing each selected effect's tool and arguments; the decision is made only
+        when it is sent back (``post=yes``), with a reason that deny requires."""
         error = None
+        reason = request.POST.get("reason", "").strip()
         if request.POST.get("post") == "yes":
-            reason = request.POST.get("reason", "").strip()
-            if reason:
-                self._decide_many(request, queryset, "deny", reason)
+            if reason or decision == "approve":
+                self._decide_many(request, queryset, decision, reason or None)
                 return None
             error = _("Give a reason to deny these effects.")
+        shown = list(queryset.order_by("created_at")[:100])
         context = {
             **self.admin_site.each_context(request),
-            "title": _("Deny effects"),
+            "title": _("Approve effects") if decision == "approve" else _("Deny effects"),
+            "decision": decision,
             "opts": self.opts,
-            "queryset": queryset[:100],
+            "effects": [
+                {
+                    "effect": effect,
+                    "args": render_args(effect.args),
+                    "badge": status_badge(effect.status),
+                }
+                for effect in shown
+            ],
             "count": queryset.count(),
             "select_across": request.POST.get("select_across", "0"),
             "selected": request.POST.getlist(ACTION_CHECKBOX_NAME),
             "action_checkbox_name": ACTION_CHECKBOX_NAME,
+            "action": f"{decision}_selected",
             "error": error,
-            "reason": request.POST.get("reason", ""),
+            "reason": reason,
         }
-        return TemplateResponse(request, "agent_ledger/admin/deny_selected.html", context)
+        return TemplateResponse(request, "agent_ledger/admin/decide_selected.html", context)
 
     def _decide_many(
         self, request: HttpRequest, queryset: QuerySet[Effect], decision: str, reason: str | None
     ) -> None:
-        changed = unchanged = 0
-        for effect in queryset.order_by():
+        changed = 0
+        already: list[str] = []
+        for effect in queryset.order_by("created_at"):
             outcome = self._decide(request, effect, decision, reason)
             if outcome is None:
                 continue
-            if outcome[0]:
+            if outcome.changed:
                 changed += 1
             else:
-                unchanged += 1
+                already.append(already_decided(effect, outcome))
         if changed:
             text = (
                 ngettext("Approved %d effect.", "Approved %d effects.", changed)
@@ -425,17 +572,112 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
                 else ngettext("Denied %d effect.", "Denied %d effects.", changed)
             )
             self.message_user(request, text % changed, messages.SUCCESS)
-        if unchanged:
+        for text in already[:NAMED_IN_MESSAGES]:
+            self.message_user(request, text, messages.WARNING)
+        if len(already) > NAMED_IN_MESSAGES:
+            rest = len(already) - NAMED_IN_MESSAGES
             self.message_user(
                 request,
                 ngettext(
-                    "%d effect was not awaiting approval (already decided) and was left alone.",
-                    "%d effects were not awaiting approval (already decided) and were left alone.",
-                    unchanged,
+                    "%d more effect was not awaiting approval and was left alone.",
+                    "%d more effects were not awaiting approval and were left alone.",
+                    rest,
                 )
-                % unchanged,
+                % rest,
                 messages.WARNING,
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What one decision did: whether it changed the effect, and its status afterwards."""
+
+    changed: bool
+    status: str
+
+    @property
+    def status_label(self) -> str:
+        return status_label(self.status)
+
+
+def already_decided(effect: Effect, outcome: Outcome) -> str:
+    """Who decided, when and what, for the approver who came second."""
+    decision = last_decision(effect)
+    now = status_label(outcome.status)
+    if decision is None:
+        return _(
+            "Not awaiting approval: %(tool)s in %(workflow)s is %(status)s; nobody decided it."
+        ) % {"tool": effect.tool, "workflow": effect.workflow_id, "status": now}
+    what = _("approved") if decision.to_status == EffectStatus.READY else decision.to_status
+    text = _("Already decided: %(who)s %(what)s %(tool)s in %(workflow)s at %(when)s") % {
+        "who": decision.actor_display,
+        "what": what,
+        "tool": effect.tool,
+        "workflow": effect.workflow_id,
+        "when": format_when(decision.at),
+    }
+    if decision.reason:
+        text += f" ({decision.reason})"
+    return text + (_("; it is now %s.") % now)
+
+
+def status_badge(status: str) -> str:
+    return format_html(
+        '<span class="agent-ledger-badge agent-ledger-badge--{}">{}</span>',
+        status,
+        status_label(status),
+    )
+
+
+def format_when(value: datetime | None) -> str:
+    """``2025-06-01 14:03:07 UTC``: seconds and the time zone, so operators can line up logs."""
+    if value is None:
+        return "-"
+    return dateformat.format(timezone.localtime(value), "Y-m-d H:i:s T")
+
+
+def summarize(value: Any) -> str:
+    """One line for the list: ``key=value, ...`` cut at ``SUMMARY_LENGTH`` characters."""
+    if isinstance(value, dict):
+        text = ", ".join(f"{key}={_compact(item)}" for key, item in value.items())
+    else:
+        text = _compact(value)
+    text = " ".join(text.split())
+    return text if len(text) <= SUMMARY_LENGTH else text[: SUMMARY_LENGTH - 1] + "…"
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def render_args(value: Any) -> SafeString:
+    """Arguments for a person: one row per top-level key; strings as text (a multi-line one
+    as a text block, never ``\\n``-escaped JSON), other values as indented JSON. Each value
+    sits in a box that scrolls when it is long."""
+    if not isinstance(value, dict) or not value:
+        return _json_block(value)
+    return format_html(
+        '<dl class="agent-ledger-args">{}</dl>',
+        format_html_join(
+            "",
+            '<dt>{}</dt><dd class="agent-ledger-value">{}</dd>',
+            ((key, _value_html(item)) for key, item in value.items()),
+        ),
+    )
+
+
+def _value_html(value: Any) -> SafeString:
+    if isinstance(value, str):
+        text = _cut(value)
+        css = "agent-ledger-text" if "\n" in value else "agent-ledger-line"
+        return format_html('<pre class="{}">{}</pre>', css, text)
+    return _json_block(value)
+
+
+def _has_nul(query: Any) -> bool:
+    return any("\x00" in key or any("\x00" in v for v in query.getlist(key)) for key in query)
 
 
 def format_duration(value: timedelta) -> str:
@@ -451,18 +693,15 @@ def format_duration(value: timedelta) -> str:
     return f"{hours} h {minutes} min"
 
 
-def _loads(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
-def _json_block(value: Any) -> str:
-    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+def _cut(text: str) -> str:
     if len(text) > JSON_DISPLAY_LIMIT:
-        text = text[:JSON_DISPLAY_LIMIT] + f"\n… ({len(text) - JSON_DISPLAY_LIMIT} more characters)"
-    return format_html('<pre class="agent-ledger-json">{}</pre>', text)
+        return text[:JSON_DISPLAY_LIMIT] + f"\n… ({len(text) - JSON_DISPLAY_LIMIT} more characters)"
+    return text
+
+
+def _json_block(value: Any) -> SafeString:
+    text = json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str)
+    return format_html('<pre class="agent-ledger-json">{}</pre>', _cut(text))
 
 
 # "Awaiting approval (N)" on the default site's index. A template named admin/index.html in this

@@ -14,7 +14,7 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
-from .conf import DEFAULTS, RETIRED
+from .conf import DEFAULTS, MIN_WEBHOOK_SECRET_LENGTH, RETIRED
 from .errors import EffectLedgerValidationError
 
 
@@ -61,7 +61,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         isinstance(name, str)
         and 0 < len(name) <= 90
         and isinstance(secret, str)
-        and len(secret) >= 16
+        and len(secret) >= MIN_WEBHOOK_SECRET_LENGTH
         for name, secret in secrets.items()
     ):
         errors.append(

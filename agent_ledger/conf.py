@@ -25,6 +25,9 @@ from typing import Any
 
 from django.conf import settings
 
+#: Webhook secrets shorter than this are refused by the system check and never used to verify.
+MIN_WEBHOOK_SECRET_LENGTH = 16
+
 DEFAULTS: dict[str, Any] = {
     "DATABASE": "default",
     "MAX_ARGS_SIZE_BYTES": 1024 * 1024,

@@ -65,10 +65,14 @@ class EffectTimeoutError(EffectLedgerError, TimeoutError):
 
 
 class ApprovalPendingError(EffectLedgerError):
-    """Nobody decided in time; the effect keeps waiting and a later run picks the decision up."""
+    """Nobody decided in time; the effect keeps waiting and a later run picks the decision up.
 
-    def __init__(self, idem_key: str, timeout_ms: float) -> None:
+    ``effect_id`` and ``idem_key`` are the handle to show a person or a model (see
+    ``agent_ledger.links.urls_for``)."""
+
+    def __init__(self, idem_key: str, timeout_ms: float, *, effect_id: str | None = None) -> None:
         self.idem_key = idem_key
+        self.effect_id = effect_id
         self.timeout_ms = timeout_ms
         super().__init__(
             f"effect {idem_key} is still awaiting approval after {timeout_ms:g} ms; "
@@ -82,6 +86,18 @@ class EffectStoreError(EffectLedgerError):
     def __init__(self, message: str, *, operation: str | None = None) -> None:
         self.operation = operation
         super().__init__(f"{operation}: {message}" if operation else message)
+
+
+class SyncCallInEventLoopError(EffectLedgerError, RuntimeError):
+    """A ``*_sync`` method was called from a thread that runs an event loop, where it would
+    block every other coroutine: await the async method instead."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        async_name = method.removesuffix("_sync")
+        super().__init__(
+            f"{method}() was called from a running event loop; use 'await ledger.{async_name}(...)'"
+        )
 
 
 class EffectPurgedError(EffectLedgerError):

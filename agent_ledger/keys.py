@@ -176,4 +176,7 @@ def idem_key(call: ToolCall, args_canonical: str | None = None) -> str:
     if args_canonical is None:
         args_canonical = canonical_json(call.args)
     material = key_material(call, args_canonical)
+    if call.key_scope == "call" and call.call_id is not None:
+        # Length-prefixed, so no call id can be confused with the material after it.
+        material = f"call:{len(call.call_id)}:{call.call_id}|{material}"
     return hashlib.sha256(f"{call.workflow_id}|{call.tool}|{material}".encode()).hexdigest()

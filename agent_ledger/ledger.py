@@ -16,11 +16,13 @@ import random
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from . import keys
+from asgiref.sync import async_to_sync, sync_to_async
+
+from . import keys, tracing
 from .errors import (
     ApprovalPendingError,
     EffectDeniedError,
@@ -29,7 +31,9 @@ from .errors import (
     EffectLedgerValidationError,
     EffectStoreError,
     EffectTimeoutError,
+    SyncCallInEventLoopError,
 )
+from .hooks import LedgerHooks, call_hook
 from .operator import require_outcome, require_reason
 from .redaction import Redactor
 from .stores.base import EffectStore, NewEffect
@@ -56,6 +60,12 @@ from .types import (
     strict,
 )
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+PROCESSING = EffectStatus.PROCESSING
+REQUIRES_APPROVAL = EffectStatus.REQUIRES_APPROVAL
+
 #: How many handed-out fences a ledger remembers for ``commit(effect_id, ...)`` without ``fence=``.
 _FENCE_MEMORY = 10_000
 MAX_REASON_LENGTH = 2_000
@@ -69,6 +79,11 @@ class EffectLedgerOptions:
     #: Defaults for every ``run``; the fields a call's own ``RunOptions`` set win, field by
     #: field (also inside ``concurrency`` and ``stale``).
     defaults: RunOptions | None = None
+    #: Callbacks for approval requests, decisions and finished calls, on any store.
+    hooks: LedgerHooks | None = None
+    #: ``policy(call) -> bool``: whether a call needs approval when its own ``RunOptions`` do
+    #: not say. Wins over ``defaults.requires_approval``; a call's explicit value wins over it.
+    approval_policy: Callable[[ToolCall], bool] | None = None
     #: What to redact before storage (``agent_ledger.redaction``); None: the store's default
     #: (``DjangoStore``: ``AGENT_LEDGER["REDACT"]``), else nothing.
     redact: Redactor | None = None
@@ -85,6 +100,9 @@ class EffectLedgerOptions:
             raise EffectLedgerValidationError("must be an int", field="max_args_size_bytes")
         require_number(self.max_args_size_bytes, "max_args_size_bytes", minimum=1)
         require_instance(self.defaults, RunOptions, "defaults")
+        require_instance(self.hooks, LedgerHooks, "hooks")
+        if self.approval_policy is not None and not callable(self.approval_policy):
+            raise EffectLedgerValidationError("must be callable", field="approval_policy")
         require_instance(self.redact, Redactor, "redact")
 
 
@@ -96,6 +114,7 @@ class EffectLedger:
             )
         self.store = options.store
         self._options = options
+        self._hooks = options.hooks or LedgerHooks()
         # A run without options (the common case) shares these instead of rebuilding and
         # re-validating three option objects on every call.
         self._defaults = _resolve(options.defaults or RunOptions(), RunOptions())
@@ -117,16 +136,39 @@ class EffectLedger:
         if not callable(handler):
             raise EffectLedgerValidationError("must be callable", field="handler")
         options = self._run_options(run_options)
-        initial = (
-            EffectStatus.REQUIRES_APPROVAL if options.requires_approval else EffectStatus.PROCESSING
-        )
-        new, raw_args = self._prepare_call(call, initial)
-        since = time.monotonic()
-        record = await self.store.begin(new)
-        effect = record.effect
-        if record.created and effect.status is EffectStatus.PROCESSING:
-            return await self._execute(effect, handler, options, raw_args=raw_args)
-        return await self._settle(effect, handler, options, since, raw_args=raw_args)
+        gated = self._requires_approval(call, options)
+        new, raw_args = self._prepare_call(call, REQUIRES_APPROVAL if gated else PROCESSING)
+        with tracing.span("agent_ledger.run", tool=call.tool, workflow=call.workflow_id) as span:
+            since = time.monotonic()
+            record = await self.store.begin(new)
+            effect = record.effect
+            tracing.annotate(span, idem_key=effect.idem_key, replay=not record.created)
+            if record.created and effect.status is PROCESSING:
+                result = await self._execute(effect, handler, options, raw_args=raw_args)
+            else:
+                if record.created:
+                    await call_hook(self._hooks.approval_requested, effect)
+                result = await self._settle(effect, handler, options, since, raw_args=raw_args)
+        codec = options.codec
+        return codec.decode(result) if codec is not None else result
+
+    async def propose(
+        self, call: ToolCall, *, requires_approval: bool = True, continuation: Any = None
+    ) -> Effect:
+        """Create (or find) the effect of ``call`` without running anything or waiting.
+
+        With approval it waits for a human; without, it is ``ready`` and the next ``run`` of the
+        call claims it. Either way the real handler runs later, in ``run``, so an approval that
+        lands between proposing and running can only start the real tool. ``continuation``
+        (``{"resumer": name, ...}``) names what resumes the agent when a human decides.
+        """
+        if not isinstance(requires_approval, bool):
+            raise EffectLedgerValidationError("must be a bool", field="requires_approval")
+        status = REQUIRES_APPROVAL if requires_approval else EffectStatus.READY
+        record = await self.store.begin(self._prepare(call, status, continuation))
+        if record.created and requires_approval:
+            await call_hook(self._hooks.approval_requested, record.effect)
+        return record.effect
 
     async def begin(self, call: ToolCall) -> BeginResult:
         """Start an effect by hand; ``claimed`` says whether you must now run the tool and commit.
@@ -270,15 +312,101 @@ class EffectLedger:
     ) -> bool:
         request = decision_request(name, idem_key, actor=actor, reason=reason)
         record = await self.store.transition(idem_key, **request)
+        if record.changed:
+            if name == "request_approval":
+                await call_hook(self._hooks.approval_requested, record.effect)
+            else:
+                await call_hook(self._hooks.decided, record.effect, name, request["actor"])
         return record.changed
+
+    # -- the same, for sync code (WSGI views, Celery tasks, management commands) -----------
+
+    def run_sync(
+        self, call: ToolCall, handler: Handler, run_options: RunOptions | None = None
+    ) -> Any:
+        """``run`` for sync code. A sync handler runs in the caller's thread, so its
+        thread-locals (a Celery task's ``self.request``), its database connection and the
+        caller's ``atomic()`` block are the caller's; the ledger's own waiting and storing
+        happen meanwhile on an event loop of asgiref's (what Django's ``async_to_sync`` uses)."""
+        if not callable(handler):
+            raise EffectLedgerValidationError("must be callable", field="handler")
+        check = getattr(self.store, "check_sync_caller", None)
+        if check is not None:
+            check()  # a store may know the caller's thread cannot work with it (SQLite)
+        if not inspect.iscoroutinefunction(handler):
+            handler = sync_to_async(handler, thread_sensitive=True)
+        return _blocking("run_sync", self.run, call, handler, run_options)
+
+    def propose_sync(
+        self, call: ToolCall, *, requires_approval: bool = True, continuation: Any = None
+    ) -> Effect:
+        return _blocking(
+            "propose_sync",
+            self.propose,
+            call,
+            requires_approval=requires_approval,
+            continuation=continuation,
+        )
+
+    def begin_sync(self, call: ToolCall) -> BeginResult:
+        return _blocking("begin_sync", self.begin, call)
+
+    def commit_sync(
+        self,
+        effect_id: str,
+        outcome: CommitOutcome,
+        *,
+        fence: int | None = None,
+        actor: Actor | str | None = None,
+    ) -> bool:
+        return _blocking("commit_sync", self.commit, effect_id, outcome, fence=fence, actor=actor)
+
+    def get_effect_sync(self, effect_id: str) -> Effect | None:
+        return _blocking("get_effect_sync", self.get_effect, effect_id)
+
+    def find_by_idem_key_sync(self, idem_key: str) -> Effect | None:
+        return _blocking("find_by_idem_key_sync", self.find_by_idem_key, idem_key)
+
+    def history_sync(self, effect_id: str) -> list[Transition]:
+        return _blocking("history_sync", self.history, effect_id)
+
+    def request_approval_sync(
+        self, idem_key: str, *, actor: Actor | str | None = None, reason: str | None = None
+    ) -> bool:
+        return _blocking(
+            "request_approval_sync", self.request_approval, idem_key, actor=actor, reason=reason
+        )
+
+    def approve_sync(
+        self, idem_key: str, *, actor: Actor | str | None = None, reason: str | None = None
+    ) -> bool:
+        return _blocking("approve_sync", self.approve, idem_key, actor=actor, reason=reason)
+
+    def deny_sync(
+        self, idem_key: str, reason: str | None = None, *, actor: Actor | str | None = None
+    ) -> bool:
+        return _blocking("deny_sync", self.deny, idem_key, reason, actor=actor)
+
+    def cancel_sync(
+        self, idem_key: str, reason: str | None = None, *, actor: Actor | str | None = None
+    ) -> bool:
+        return _blocking("cancel_sync", self.cancel, idem_key, reason, actor=actor)
 
     # -- internals -----------------------------------------------------------------------------
 
-    def _prepare(self, call: ToolCall, status: EffectStatus = EffectStatus.PROCESSING) -> NewEffect:
-        return self._prepare_call(call, status)[0]
+    def _prepare(
+        self,
+        call: ToolCall,
+        status: EffectStatus = EffectStatus.PROCESSING,
+        continuation: Any = None,
+    ) -> NewEffect:
+        return self._prepare_call(call, status, continuation)[0]
 
     def _prepare_call(
-        self, call: ToolCall, status: EffectStatus = EffectStatus.PROCESSING
+        self,
+        call: ToolCall,
+        status: EffectStatus = EffectStatus.PROCESSING,
+        continuation: Any = None,
     ) -> tuple[NewEffect, str | None]:
         """The effect to insert (its arguments redacted) and, when redaction changed them,
         the raw arguments' canonical JSON, which only the handler sees."""
@@ -294,6 +422,8 @@ class EffectLedger:
                 f"canonical JSON is {size} bytes, over max_args_size_bytes ({limit})", field="args"
             )
         resource = keys.resource_canonical(call.resource) if call.resource is not None else None
+        if continuation is not None:
+            continuation = self._continuation(continuation)
         # The key comes from the raw arguments, so replays dedupe whatever is redacted.
         idem_key = keys.idem_key(call, args_canonical)
         stored, raw = args_canonical, None
@@ -311,8 +441,36 @@ class EffectLedger:
             args_canonical=stored,
             resource_id_canonical=resource,
             actor=SYSTEM,
+            continuation=continuation,
         )
         return new, raw
+
+    def _continuation(self, value: Any) -> Any:
+        if not isinstance(value, Mapping) or not isinstance(value.get("resumer"), str):
+            raise EffectLedgerValidationError(
+                'must be a dict with a "resumer" name', field="continuation"
+            )
+        if not value["resumer"].strip():
+            raise EffectLedgerValidationError("must name a resumer", field="continuation.resumer")
+        copy = _json_copy(value, "continuation")
+        size = len(keys.canonical_json(copy, "continuation").encode())
+        if size > self._options.max_args_size_bytes:
+            raise EffectLedgerValidationError(
+                f"is {size} bytes, over max_args_size_bytes", field="continuation"
+            )
+        return copy
+
+    def _requires_approval(self, call: ToolCall, options: _Resolved) -> bool:
+        """The call's own say, else the ledger's policy, else its defaults."""
+        policy = self._options.approval_policy
+        if options.explicit_approval or policy is None:
+            return options.requires_approval
+        decided = policy(call)
+        if not isinstance(decided, bool):
+            raise EffectLedgerValidationError(
+                f"must return a bool, returned {type(decided).__name__}", field="approval_policy"
+            )
+        return decided
 
     def _run_options(self, given: RunOptions | None) -> _Resolved:
         if given is not None and not isinstance(given, RunOptions):
@@ -342,14 +500,27 @@ class EffectLedger:
             effect = dataclasses.replace(effect, args_canonical=raw_args)
         try:
             value = await _call(handler, effect)
-        except Exception as exc:
-            error = EffectError(message=str(exc) or type(exc).__name__, code=_code_of(exc))
-            if await self._commit_owned(effect, CommitFailed(error), options) is None:
+        except BaseException as exc:
+            if isinstance(exc, options.passthrough):
+                # Raised on purpose before the tool acted: hand the effect straight back.
+                await self._release(effect, options, f"passed through: {type(exc).__name__}")
+                raise
+            if isinstance(exc, options.retry_on):
+                error = _error_of(exc)
+                await self._release(effect, options, f"retryable: {error.message}", error)
+                raise
+            if not isinstance(exc, Exception):
+                # Cancelled, interrupted, exiting: the tool may have acted, so the effect stays
+                # held for a fenced takeover after the stale window, never released at once.
+                raise
+            if await self._commit_owned(effect, CommitFailed(_error_of(exc)), options) is None:
                 return await self._follow(effect, options)
             raise
         try:
+            if options.codec is not None:
+                value = options.codec.encode(value)
             result = _json_copy(value, "result")
-        except EffectLedgerValidationError as exc:
+        except Exception as exc:
             error = _not_json_error(exc)
             if await self._commit_owned(effect, CommitFailed(error), options) is None:
                 return await self._follow(effect, options)
@@ -361,10 +532,40 @@ class EffectLedger:
             raise EffectFailedError(effect.idem_key, committed.error)  # redaction failed
         return committed.result
 
+    async def _release(
+        self, effect: Effect, options: _Resolved, reason: str, error: EffectError | None = None
+    ) -> None:
+        """Hand the effect back as ``ready`` (the attempt stays in its history)."""
+        redactor = self._redactor()
+        if redactor is not None:
+            # The reason and error quote the exception: cut out the redacted arguments.
+            secrets = redactor.redact(effect.args, tool=effect.tool, part="args")[1]
+            reason = redactor.error(EffectError(reason), secrets).message
+            error = None if error is None else redactor.error(error, secrets)
+        reason = reason[:MAX_REASON_LENGTH]
+        await self._owner_writes(
+            lambda: self.store.release(
+                effect.id, fence=effect.fence, actor=SYSTEM, reason=reason, error=error
+            ),
+            options,
+        )
+
     async def _commit_owned(
         self, effect: Effect, outcome: CommitOutcome, options: _Resolved
     ) -> Effect | None:
-        """The owner's fenced commit, retried while the store fails transiently.
+        outcome = self._redact_outcome(effect, outcome)
+        committed = await self._owner_writes(
+            lambda: self.store.commit(effect.id, outcome, fence=effect.fence, actor=SYSTEM),
+            options,
+        )
+        if committed is not None:
+            await call_hook(self._hooks.finished, committed)
+        return committed
+
+    async def _owner_writes(
+        self, write: Callable[[], Awaitable[Effect | None]], options: _Resolved
+    ) -> Effect | None:
+        """The owner's fenced commit or release, retried while the store fails transiently.
 
         The tool has acted: giving up on one failed commit would leave the effect processing
         until a stale takeover runs the tool again. A retry is always safe, since the fence
@@ -374,11 +575,10 @@ class EffectLedger:
         """
         window_ms = options.stale.after_ms or options.concurrency.wait_timeout_ms
         deadline = time.monotonic() + window_ms / 1000
-        outcome = self._redact_outcome(effect, outcome)
         backoff = _Backoff(options.concurrency)
         while True:
             try:
-                return await self.store.commit(effect.id, outcome, fence=effect.fence, actor=SYSTEM)
+                return await write()
             except EffectStoreError:
                 if not await backoff.sleep(deadline):
                     raise
@@ -436,9 +636,11 @@ class EffectLedger:
                 status is EffectStatus.READY or _looks_stale(effect, options.stale.after_ms)
             ):
                 try:
-                    claimed = await self.store.claim(
-                        effect.id, stale_after_ms=options.stale.after_ms, actor=SYSTEM
-                    )
+                    with tracing.span("agent_ledger.claim", idem_key=effect.idem_key) as span:
+                        claimed = await self.store.claim(
+                            effect.id, stale_after_ms=options.stale.after_ms, actor=SYSTEM
+                        )
+                        tracing.annotate(span, claimed=claimed is not None)
                 except EffectStoreError as exc:
                     failure, claimed = exc, None
                 if claimed is not None:
@@ -448,12 +650,15 @@ class EffectLedger:
                 if failure is not None:
                     raise failure
                 if status is EffectStatus.REQUIRES_APPROVAL:
-                    raise ApprovalPendingError(effect.idem_key, concurrency.wait_timeout_ms)
+                    raise ApprovalPendingError(
+                        effect.idem_key, concurrency.wait_timeout_ms, effect_id=effect.id
+                    )
                 raise EffectTimeoutError(effect.idem_key, concurrency.wait_timeout_ms)
             try:
-                changed = await self.store.wait_for_change(
-                    effect.id, min(remaining, backoff.next_interval()), since
-                )
+                with tracing.span("agent_ledger.wait", idem_key=effect.idem_key, status=status):
+                    changed = await self.store.wait_for_change(
+                        effect.id, min(remaining, backoff.next_interval()), since
+                    )
             except EffectStoreError as exc:
                 failure, changed = exc, None
                 await backoff.sleep(deadline)
@@ -571,25 +776,35 @@ def decision_request(
 class _Resolved:
     """Run options with the ledger's defaults filled in."""
 
-    __slots__ = ("concurrency", "requires_approval", "stale")
+    __slots__ = (
+        "codec",
+        "concurrency",
+        "explicit_approval",
+        "passthrough",
+        "requires_approval",
+        "retry_on",
+        "stale",
+    )
 
-    def __init__(
-        self, *, requires_approval: bool, concurrency: ConcurrencyOptions, stale: StaleOptions
-    ) -> None:
-        self.requires_approval = requires_approval
-        self.concurrency = concurrency
-        self.stale = stale
+    def __init__(self, merged: RunOptions, given: RunOptions) -> None:
+        self.requires_approval = merged.requires_approval
+        #: The call itself said whether it needs approval (the ledger's policy must not).
+        self.explicit_approval = "requires_approval" in fields_set(given)
+        self.concurrency: ConcurrencyOptions = merged.concurrency or ConcurrencyOptions()
+        self.stale: StaleOptions = merged.stale or StaleOptions()
+        self.passthrough = merged.passthrough
+        self.retry_on = merged.retry_on
+        self.codec = merged.codec
 
 
 def _resolve(defaults: RunOptions, given: RunOptions) -> _Resolved:
     """Merge field by field: what the call set wins, then what the ledger's defaults set, then
     the spec's defaults. Nested options merge the same way, so ``initial_interval_ms=10`` on a
     call keeps the ledger's ``wait_timeout_ms``."""
-    return _Resolved(
-        requires_approval=_merged(defaults, given).requires_approval,
-        concurrency=_merged(defaults.concurrency, given.concurrency, ConcurrencyOptions),
-        stale=_merged(defaults.stale, given.stale, StaleOptions),
-    )
+    merged = _merged(defaults, given)
+    concurrency = _merged(defaults.concurrency, given.concurrency, ConcurrencyOptions)
+    stale = _merged(defaults.stale, given.stale, StaleOptions)
+    return _Resolved(dataclasses.replace(merged, concurrency=concurrency, stale=stale), given)
 
 
 def _merged(base: Any, override: Any, kind: type | None = None) -> Any:
@@ -621,6 +836,20 @@ async def _await(value: Awaitable[Any]) -> Any:
     return await value
 
 
+def _blocking(
+    method: str,
+    function: Callable[_P, Awaitable[_T]],
+    *args: _P.args,
+    **kwargs: _P.kwargs,
+) -> _T:
+    """Call an async ledger method from sync code; refuse where it would block a loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return async_to_sync(function)(*args, **kwargs)
+    raise SyncCallInEventLoopError(method)
+
+
 def _json_copy(value: Any, field: str) -> Any:
     """A plain-JSON copy, so a fresh run returns exactly what a replay will."""
     keys.check_json(value, field, hashed=False)
@@ -628,13 +857,17 @@ def _json_copy(value: Any, field: str) -> Any:
     return json.loads(json.dumps(value, default=dict))
 
 
-def _not_json_error(exc: EffectLedgerValidationError) -> EffectError:
+def _not_json_error(exc: Exception) -> EffectError:
     return EffectError(
         message=f"handler result is not JSON-serialisable: {exc}", code="result_not_json"
     )
 
 
-def _code_of(exc: Exception) -> str:
+def _error_of(exc: BaseException) -> EffectError:
+    return EffectError(message=str(exc) or type(exc).__name__, code=_code_of(exc))
+
+
+def _code_of(exc: BaseException) -> str:
     code = getattr(exc, "code", None)
     return code if isinstance(code, str) and code else type(exc).__name__
 

@@ -6,6 +6,8 @@ keeps the two in step, so change both together (and add a migration).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import uuid
 from datetime import datetime, timedelta
 from typing import Any
@@ -21,13 +23,27 @@ from .types import EffectStatus as CoreStatus
 
 
 class EffectStatus(models.TextChoices):
-    PROCESSING = CoreStatus.PROCESSING.value, _("processing")
+    """The statuses and the one label each is shown with: list, page title, badge, history, API.
+
+    The labels say what a person needs to know: a ``ready`` effect was approved but has not run
+    (it runs when the agent calls again); ``processing`` is the tool running.
+    """
+
+    PROCESSING = CoreStatus.PROCESSING.value, _("running")
     SUCCEEDED = CoreStatus.SUCCEEDED.value, _("succeeded")
     FAILED = CoreStatus.FAILED.value, _("failed")
-    REQUIRES_APPROVAL = CoreStatus.REQUIRES_APPROVAL.value, _("requires approval")
-    READY = CoreStatus.READY.value, _("ready")
+    REQUIRES_APPROVAL = CoreStatus.REQUIRES_APPROVAL.value, _("awaiting approval")
+    READY = CoreStatus.READY.value, _("approved, runs when the agent calls again")
     DENIED = CoreStatus.DENIED.value, _("denied")
     CANCELED = CoreStatus.CANCELED.value, _("canceled")
+
+
+def status_label(status: str) -> str:
+    """The label of a status value (the value itself for one this version does not know)."""
+    try:
+        return str(EffectStatus(status).label)
+    except ValueError:
+        return status
 
 
 _ACTIVE = sorted(s.value for s in ACTIVE_STATUSES)
@@ -96,6 +112,10 @@ class Effect(models.Model):
     dedup_count = models.IntegerField(_("replays"), default=0, db_default=0)
     #: Rises on every claim; a commit must carry the current value (fencing token).
     fence = models.IntegerField(default=1, db_default=1)
+    #: How many times the tool was started: the first run and every claim.
+    attempts = models.IntegerField(default=0, db_default=0)
+    #: What resumes the agent when a human decides: ``{"resumer": name, ...}``.
+    continuation = models.JSONField(null=True, blank=True)
     created_at = models.DateTimeField(db_default=Now())
     updated_at = models.DateTimeField(db_default=Now())
     completed_at = models.DateTimeField(null=True, blank=True)
@@ -142,10 +162,84 @@ class Effect(models.Model):
             models.CheckConstraint(
                 condition=models.Q(fence__gte=1), name="agent_ledger_effect_fence_gte_1"
             ),
+            models.CheckConstraint(
+                condition=models.Q(attempts__gte=0), name="agent_ledger_effect_attempts_gte_0"
+            ),
         ]
 
     def __str__(self) -> str:
-        return f"{self.tool} [{self.status}] {self.workflow_id}"
+        return f"{self.tool} in {self.workflow_id} ({status_label(self.status)})"
+
+    @property
+    def args(self) -> Any:
+        """The arguments as JSON values (stored as canonical JSON text)."""
+        return json.loads(self.args_canonical)
+
+    @property
+    def resource(self) -> dict[str, Any] | None:
+        """The ``ResourceDescriptor`` the key was made from, or None.
+
+        Stored as ``namespace/type/<canonical JSON of id>`` (``keys.resource_canonical``), which
+        is not JSON itself; neither namespace nor type may contain ``/``.
+        """
+        text = self.resource_id_canonical
+        if text is None:
+            return None
+        namespace, _sep, rest = text.partition("/")
+        kind, _sep, id_json = rest.partition("/")
+        try:
+            return {"namespace": namespace, "type": kind, "id": json.loads(id_json)}
+        except ValueError:
+            return {"namespace": "", "type": "", "id": text}
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """How long the tool ran and how long a human kept it waiting, told apart.
+
+    ``ran`` is claim to commit (the tool's own run); ``waited`` is from the request for approval
+    to the decision, or to ``now`` while ``waiting``. Derived from the history rows.
+    """
+
+    ran: timedelta | None
+    waited: timedelta | None
+    waiting: bool
+
+
+def effect_timing(effect: Effect, now: datetime) -> Timing:
+    """``Timing`` from ``effect.transitions.all()`` (prefetch them for a list of effects)."""
+    asked = decided = claimed = None
+    for row in effect.transitions.all():
+        if row.to_status == EffectStatus.REQUIRES_APPROVAL:
+            asked, decided = row.at, None
+        elif row.from_status == EffectStatus.REQUIRES_APPROVAL:
+            decided = row.at
+        if row.to_status == EffectStatus.PROCESSING:
+            claimed = row.at
+    waiting = effect.status == EffectStatus.REQUIRES_APPROVAL
+    waited = None
+    if waiting:
+        waited = now - (asked or effect.created_at)
+    elif asked is not None and decided is not None:
+        waited = decided - asked
+    ran = None
+    if effect.status in (EffectStatus.SUCCEEDED, EffectStatus.FAILED) and effect.completed_at:
+        # Claimed by a run after approval, else it ran from its creation (no approval asked).
+        start = claimed or (effect.created_at if asked is None else None)
+        if start is not None:
+            ran = effect.completed_at - start
+    return Timing(ran=ran, waited=waited, waiting=waiting)
+
+
+def last_decision(effect: Effect) -> EffectTransition | None:
+    """The newest row that took the effect out of ``requires_approval`` (who decided, when)."""
+    return (
+        EffectTransition.objects.filter(
+            effect_id=effect.pk, from_status=EffectStatus.REQUIRES_APPROVAL
+        )
+        .order_by("-at", "-id")
+        .first()
+    )
 
 
 class EffectTransitionQuerySet(models.QuerySet["EffectTransition"]):
@@ -200,6 +294,12 @@ class EffectTransition(models.Model):
 
     def __str__(self) -> str:
         return f"{self.from_status or '-'} -> {self.to_status} by {self.actor_label}"
+
+    @property
+    def actor_display(self) -> str:
+        """``label: name`` (``admin: alice``), or the label alone for the system."""
+        who = self.actor_name or (f"user #{self.actor_user_id}" if self.actor_user_id else "")
+        return f"{self.actor_label}: {who}" if who else self.actor_label
 
 
 class EffectTombstoneQuerySet(models.QuerySet["EffectTombstone"]):

@@ -67,6 +67,9 @@ def cancel(idem_key: str, *, actor: Actor, reason: str | None = None) -> Transit
 
 
 def _decide(name: str, idem_key: str, actor: Actor, reason: str | None) -> TransitionRecord:
+    if reason is not None and "\x00" in reason:
+        # PostgreSQL text cannot hold NUL: refuse it here rather than fail in the INSERT.
+        raise EffectLedgerValidationError("must not contain NUL characters", field="reason")
     request = decision_request(name, idem_key, actor=actor, reason=reason)
     return DjangoStore().transition_sync(idem_key, **request)
 

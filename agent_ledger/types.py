@@ -14,12 +14,13 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from .errors import EffectLedgerValidationError
 
 JsonValue = Any
 IdempotencyStatus = Literal["fresh", "replayed"]
+KeyScope = Literal["args", "call"]
 
 #: Longest workflow id, tool name and call id; the database columns have the same width.
 MAX_NAME_LENGTH = 255
@@ -157,8 +158,20 @@ class ToolCall:
     resource: ResourceDescriptor | None = None
     call_id: str | None = None
     idempotency_keys: Sequence[str] | None = None
+    #: "args" (the spec's rule): the same arguments are the same call. "call": ``call_id`` is
+    #: part of the key too, so a framework's retries and resumes of one tool call dedupe while
+    #: the same arguments asked for again later (a new call id) run again.
+    key_scope: KeyScope = "args"
 
     def __post_init__(self) -> None:
+        if self.key_scope not in ("args", "call"):
+            raise EffectLedgerValidationError(
+                f'must be "args" or "call", got {self.key_scope!r}', field="key_scope"
+            )
+        if self.key_scope == "call" and self.call_id is None:
+            raise EffectLedgerValidationError(
+                'is required when key_scope is "call"', field="call_id"
+            )
         _require_str(self.workflow_id, "workflow_id", separator="|")
         _require_str(self.tool, "tool", separator="|")
         _require_str(self.call_id, "call_id", optional=True)
@@ -230,6 +243,14 @@ class RunOptions:
     requires_approval: bool = False
     concurrency: ConcurrencyOptions | None = None
     stale: StaleOptions | None = None
+    #: Exceptions the tool raises on purpose *before* it acts (LangGraph's ``GraphInterrupt``):
+    #: they propagate unchanged and release the effect, which the next call may claim at once.
+    passthrough: tuple[type[BaseException], ...] = ()
+    #: Transient failures (a 429): the attempt is recorded and the key stays runnable, instead
+    #: of failing for good. The exception still propagates to this caller.
+    retry_on: tuple[type[BaseException], ...] = ()
+    #: Turns the handler's value into JSON and back, so fresh runs and replays return one type.
+    codec: Codec | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.requires_approval, bool):
@@ -239,6 +260,34 @@ class RunOptions:
             )
         require_instance(self.concurrency, ConcurrencyOptions, "concurrency")
         require_instance(self.stale, StaleOptions, "stale")
+        for name in ("passthrough", "retry_on"):
+            object.__setattr__(self, name, exception_types(getattr(self, name), name))
+        if self.codec is not None and not isinstance(self.codec, Codec):
+            raise EffectLedgerValidationError(
+                "must have encode(value) and decode(json) methods", field="codec"
+            )
+
+
+@runtime_checkable
+class Codec(Protocol):
+    """Turns a handler's value into plain JSON for the ledger, and stored JSON back."""
+
+    def encode(self, value: Any) -> Any: ...
+
+    def decode(self, data: Any) -> Any: ...
+
+
+def exception_types(value: object, field: str) -> tuple[type[BaseException], ...]:
+    """An exception class or a tuple of them, as ``except`` accepts."""
+    if isinstance(value, type):
+        value = (value,)
+    if not isinstance(value, (tuple, list)) or not all(
+        isinstance(kind, type) and issubclass(kind, BaseException) for kind in value
+    ):
+        raise EffectLedgerValidationError(
+            f"must be an exception class or a tuple of them, got {value!r}", field=field
+        )
+    return tuple(value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,6 +353,10 @@ class Effect:
     error: EffectError | None = None
     completed_at: datetime | None = None
     fence: int = 1
+    #: How many times the tool was started (claims, the first run included).
+    attempts: int = 0
+    #: What resumes the agent when a human decides (``{"resumer": name, ...}``), or None.
+    continuation: JsonValue = None
 
     @property
     def args(self) -> Any:

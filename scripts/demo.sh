@@ -42,14 +42,16 @@ print("created" if created else "password reset")
 
 echo "== the simulated agent"
 manage demo
+WEBHOOK_SECRET=$(manage demo --webhook-secret)
 
 cat <<INFO
 
   Admin:    http://127.0.0.1:$PORT/admin/     login: admin / $ADMIN_PASSWORD
   Approval: http://127.0.0.1:$PORT/admin/agent_ledger/effect/?status=requires_approval
   API:      http://127.0.0.1:$PORT/api/ledger/effects/   (curl -u admin:$ADMIN_PASSWORD ...)
-  API docs: http://127.0.0.1:$PORT/api/ledger/docs/
-  Webhook:  http://127.0.0.1:$PORT/api/ledger/webhook/  secret "demo" (AGENT_LEDGER_WEBHOOK_SECRET)
+  API docs: http://127.0.0.1:$PORT/api/ledger/docs/   (the example project's Swagger UI)
+  Webhook:  http://127.0.0.1:$PORT/api/ledger/webhook/
+            sign with the secret $WEBHOOK_SECRET   (name "demo"; set AGENT_LEDGER_WEBHOOK_SECRET)
 
 INFO
 exec "$VENV/bin/python" example_project/manage.py runserver "127.0.0.1:$PORT"

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite: lint and type check, then every test on SQLite and again on PostgreSQL.
+# The whole test suite: lint and type check (once), then every test on SQLite and again on
+# PostgreSQL, in each leg: Django 5.2 on Python 3.11 ($VENV) and Django 6.1 on Python 3.12
+# ($VENV_DJ61); `make test` builds both virtualenvs.
 # PostgreSQL is required: an unreachable server is a failure, never a skip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
+VENV_DJ61=${VENV_DJ61:-.venv-dj61}
 PG_URL=${TEST_POSTGRES_URL:-postgresql://postgres@127.0.0.1:5432/test}
 export TEST_POSTGRES_URL=$PG_URL
 
@@ -36,8 +39,16 @@ echo "== mypy"
 "$VENV/bin/mypy"
 
 status=0
-echo "== pytest on SQLite"
-DATABASE_URL=sqlite://:memory: "$VENV/bin/pytest" "$@" || status=1
-echo "== pytest on PostgreSQL (tests that do not depend on DATABASE_URL ran above)"
-DATABASE_URL=${PG_URL/postgresql:/postgres:} AGENT_LEDGER_TEST_PASS=again "$VENV/bin/pytest" "$@" || status=1
+for leg in "$VENV" "$VENV_DJ61"; do
+  if [ ! -x "$leg/bin/pytest" ]; then
+    echo "$leg is missing: run 'make test', which builds both virtualenvs." >&2
+    exit 1
+  fi
+  versions=$("$leg/bin/python" -c 'import django, sys; print(f"Django {django.get_version()}, Python {sys.version.split()[0]}")')
+  echo "== pytest on SQLite ($versions)"
+  DATABASE_URL=sqlite://:memory: "$leg/bin/pytest" "$@" || status=1
+  echo "== pytest on PostgreSQL ($versions; tests that do not depend on DATABASE_URL ran above)"
+  DATABASE_URL=${PG_URL/postgresql:/postgres:} AGENT_LEDGER_TEST_PASS=again \
+    "$leg/bin/pytest" "$@" || status=1
+done
 exit $status

@@ -28,6 +28,7 @@ DATABASE_INDEPENDENT = frozenset(
         "test_example_project",
         "test_faults",
         "test_keys",
+        "test_links",
         "test_memory_store",
         "test_multiprocess",
         "test_notifier",
@@ -35,6 +36,7 @@ DATABASE_INDEPENDENT = frozenset(
         "test_redaction",
         "test_schema_parity",
         "test_spec_examples",
+        "test_tracing",
         "test_types",
     }
 )

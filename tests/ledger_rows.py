@@ -39,7 +39,11 @@ def make_effect(
     )
     effect.refresh_from_db()
     EffectTransition.objects.create(
-        effect=effect, from_status=None, to_status=status, actor_label="system"
+        effect=effect,
+        from_status=None,
+        to_status=status,
+        actor_label="system",
+        at=effect.created_at,
     )
     return effect
 

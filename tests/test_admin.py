@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Any
 
@@ -15,6 +16,7 @@ from django.utils import timezone
 
 from agent_ledger import admin as ledger_admin
 from agent_ledger import services
+from agent_ledger.errors import EffectLedgerValidationError
 from agent_ledger.models import Effect, EffectStatus
 from agent_ledger.types import Actor
 from tests.ledger_rows import make_effect, make_user
@@ -219,7 +221,9 @@ def test_detail_shows_json_and_history(viewer: Client) -> None:
     response = viewer.get(url("change", effect))
     assert response.status_code == 200
     html = response.content.decode()
-    assert '<pre class="agent-ledger-json">{\n  &quot;channel&quot;: &quot;#ops&quot;' in html
+    assert (
+        '<dt>channel</dt><dd class="agent-ledger-value"><pre class="agent-ledger-line">#ops' in html
+    )
     assert "&lt;b&gt;hi&lt;/b&gt;" in html  # escaped, never rendered
     assert "rate limited" in html
     assert "admin: bob" in html
@@ -245,14 +249,21 @@ def test_nobody_can_add_or_edit(approver_user: Any) -> None:
     assert effect.tool == "k8s.deploy"
 
 
-def test_deleting_needs_its_own_permission(viewer: Client) -> None:
-    effect = make_effect()
-    assert viewer.post(url("delete", effect), {"post": "yes"}).status_code == 403
+def test_nobody_deletes_an_effect_superusers_included() -> None:
+    """Deleting an effect would free its key and let the agent's retry run the tool again."""
+    effect = make_effect(status=EffectStatus.SUCCEEDED)
+    for user in (make_user("deleter", VIEW, DELETE), make_user("root", is_superuser=True)):
+        client = client_for(user)
+        assert client.post(url("delete", effect), {"post": "yes"}).status_code == 403
+        html = client.get(reverse(CHANGELIST)).content.decode()
+        assert 'value="delete_selected"' not in html
+        assert url("delete", effect) not in client.get(url("change", effect)).content.decode()
+        client.post(
+            reverse(CHANGELIST),
+            {"action": "delete_selected", "_selected_action": [str(effect.pk)], "post": "yes"},
+        )
     assert Effect.objects.filter(pk=effect.pk).exists()
-    deleter = client_for(make_user("deleter", VIEW, DELETE))
-    response = deleter.post(url("delete", effect), {"post": "yes"})
-    assert response.status_code == 302
-    assert not Effect.objects.filter(pk=effect.pk).exists()
+    assert effect.transitions.count() == 1
 
 
 # -- the dashboard ---------------------------------------------------------------------------
@@ -309,8 +320,16 @@ def test_approve_records_the_user(approver: Client, approver_user: Any) -> None:
     assert last.actor_label == "admin"
     assert last.actor_user_id == approver_user.pk
     assert last.actor_name == "alice"
-    assert any("Approved" in text and "ready" in text for text in texts(response))
+    ready = EffectStatus.READY.label
+    assert any("Approved" in text and str(ready) in text for text in texts(response))
     assert LogEntry.objects.filter(object_id=str(effect.pk), user=approver_user).exists()
+
+
+def test_approve_with_an_optional_comment(approver: Client) -> None:
+    effect = make_effect(status=EffectStatus.REQUIRES_APPROVAL)
+    approver.post(url("approve", effect), {"reason": "checked the diff"})
+    last = effect.transitions.order_by("at", "id").last()
+    assert (last.to_status, last.reason) == ("ready", "checked the diff")
 
 
 def test_deny_with_a_reason(approver: Client) -> None:
@@ -343,10 +362,15 @@ def test_deny_with_a_reason_too_long_changes_nothing(approver: Client) -> None:
 def test_already_decided_by_someone_faster(approver: Client) -> None:
     effect = make_effect(status=EffectStatus.REQUIRES_APPROVAL)
     services.deny(effect.idem_key, actor=Actor("api", name="bob"), reason="no")
+    decided_at = effect.transitions.get(to_status="denied").at
     response = approver.post(url("approve", effect), follow=True)
     effect.refresh_from_db()
     assert effect.status == EffectStatus.DENIED
-    assert any("Already decided" in text and "denied" in text for text in texts(response))
+    (text,) = [t for t in texts(response) if "Already decided" in t]
+    # Who, what, when (to the second, with the zone) and why.
+    assert "api: bob denied k8s.deploy" in text
+    assert decided_at.strftime("%Y-%m-%d %H:%M:%S UTC") in text
+    assert "(no)" in text
     assert effect.transitions.count() == 2  # the first row and bob's; nothing from alice
 
 
@@ -409,16 +433,27 @@ def run_action(client: Client, action: str, effects: list[Effect], **data: Any) 
     )
 
 
-def test_bulk_approve(approver: Client) -> None:
-    pending = [make_effect(status=EffectStatus.REQUIRES_APPROVAL) for _ in range(2)]
+def test_bulk_approve_confirms_first_listing_each_effect(approver: Client) -> None:
+    pending = [
+        make_effect(tool="stripe.refund", args={"charge": "ch_1", "amount": 4999}),
+        make_effect(tool="k8s.deploy", args={"image": "app:v2.4.0"}),
+    ]
     done = make_effect(status=EffectStatus.SUCCEEDED)
-    response = run_action(approver, "approve_selected", [*pending, done])
+    page = run_action(approver, "approve_selected", [*pending, done])
+    html = page.content.decode()
+    assert page.status_code == 200
+    assert 'value="approve_selected"' in html and 'name="post" value="yes"' in html
+    for text in ("stripe.refund", "ch_1", "4999", "k8s.deploy", "app:v2.4.0"):
+        assert text in html
+    assert {e.status for e in Effect.objects.all()} == {"requires_approval", "succeeded"}
+
+    response = run_action(approver, "approve_selected", [*pending, done], post="yes", reason="")
     assert {e.status for e in Effect.objects.filter(pk__in=[p.pk for p in pending])} == {"ready"}
     done.refresh_from_db()
     assert done.status == EffectStatus.SUCCEEDED
     messages = texts(response)
     assert "Approved 2 effects." in messages
-    assert any("1 effect was not awaiting approval" in text for text in messages)
+    assert any("Not awaiting approval" in text and "nobody decided" in text for text in messages)
 
 
 def test_bulk_deny_asks_for_a_reason(approver: Client) -> None:
@@ -455,3 +490,187 @@ def test_approver_sees_the_bulk_actions(approver: Client) -> None:
     make_effect()
     html = approver.get(reverse(CHANGELIST)).content.decode()
     assert 'value="approve_selected"' in html and 'value="deny_selected"' in html
+
+
+# -- hostile input -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"args_canonical__contains": "secret"},
+        {"result__isnull": "False"},
+        {"idem_key__startswith": "a"},
+        {"transitions__reason__contains": "x"},
+    ],
+)
+def test_filtering_by_any_other_field_lookup_is_400(viewer: Client, params: dict[str, str]) -> None:
+    make_effect(args={"token": "secret"})
+    assert viewer.get(reverse(CHANGELIST), params).status_code == 400
+
+
+def test_the_declared_filters_still_work(viewer: Client) -> None:
+    make_effect()
+    now = timezone.now()
+    for params in (
+        {"status": "requires_approval", "tool": "k8s.deploy"},
+        {"created_at__year": now.year, "created_at__month": now.month},
+        {
+            "created_at__gte": (now - timedelta(days=1)).isoformat(),
+            "created_at__lt": (now + timedelta(days=1)).isoformat(),
+        },
+    ):
+        response = viewer.get(reverse(CHANGELIST), params)
+        assert response.status_code == 200, params
+        assert len(response.context["cl"].result_list) == 1, params
+
+
+@pytest.mark.parametrize("params", [{"tool": "\x00"}, {"q": "a\x00b"}, {"status": "\x00"}])
+def test_a_nul_byte_in_a_filter_is_400(viewer: Client, params: dict[str, str]) -> None:
+    make_effect()
+    assert viewer.get(reverse(CHANGELIST), params).status_code == 400
+
+
+def test_a_nul_byte_in_a_deny_reason_is_400(approver: Client) -> None:
+    effect = make_effect()
+    assert approver.post(url("deny", effect), {"reason": "no\x00way"}).status_code == 400
+    response = approver.post(
+        reverse(CHANGELIST),
+        {
+            "action": "deny_selected",
+            "_selected_action": [str(effect.pk)],
+            "post": "yes",
+            "reason": "no\x00way",
+        },
+    )
+    assert response.status_code == 400
+    effect.refresh_from_db()
+    assert effect.status == EffectStatus.REQUIRES_APPROVAL
+    assert effect.transitions.count() == 1
+
+
+def test_the_service_refuses_a_nul_in_a_reason() -> None:
+    effect = make_effect()
+    with pytest.raises(EffectLedgerValidationError, match="NUL"):
+        services.deny(effect.idem_key, actor=Actor("cli"), reason="a\x00b")
+
+
+# -- the desk ----------------------------------------------------------------------------------
+
+
+def test_a_pending_page_leads_with_the_decision(approver: Client) -> None:
+    effect = make_effect(
+        tool="stripe.refund",
+        workflow_id="order-7731",
+        args={"charge": "ch_3PqR7731", "note": "line one\nline two"},
+        created_at=timezone.now() - timedelta(minutes=5),
+    )
+    html = approver.get(url("change", effect)).content.decode()
+    panel = html.index('id="agent-ledger-decision"')
+    # What is asked, who asked and for how long, then the buttons; keys and fence below.
+    order = [
+        'class="agent-ledger-tool">stripe.refund',
+        'class="agent-ledger-workflow">order-7731',
+        "Requested by system",
+        "waiting 5 min",
+        "<dt>charge</dt>",
+        '<pre class="agent-ledger-text">line one\nline two</pre>',
+        'id="agent-ledger-approve-comment"',
+        'id="agent-ledger-deny-reason"',
+        "field-idem_key",
+        "field-call_id",
+        "field-fence",
+    ]
+    positions = [html.index(text, panel) for text in order]
+    assert positions == sorted(positions)
+    assert "line one\\nline two" not in html  # never \n-escaped JSON
+
+
+def test_the_pending_queue_is_oldest_first_with_summary_and_wait(viewer: Client) -> None:
+    now = timezone.now()
+    newer = make_effect(args={"image": "app:v2"}, created_at=now - timedelta(minutes=2))
+    older = make_effect(args={"charge": "ch_1"}, created_at=now - timedelta(hours=3))
+    make_effect(status=EffectStatus.SUCCEEDED)
+    response = viewer.get(reverse(CHANGELIST), {"status": "requires_approval"})
+    assert [e.pk for e in response.context["cl"].result_list] == [older.pk, newer.pk]
+    html = response.content.decode()
+    assert "Waiting for" in html
+    assert "charge=ch_1" in html and "image=app:v2" in html
+    assert "3 h 0 min" in html and "2 min" in html
+
+
+def test_timestamps_have_seconds_and_the_time_zone(viewer: Client) -> None:
+    when = timezone.now().replace(year=2024, month=3, day=15, hour=9, minute=4, second=7)
+    effect = make_effect(status=EffectStatus.SUCCEEDED, created_at=when)
+    assert "2024-03-15 09:04:07 UTC" in viewer.get(reverse(CHANGELIST)).content.decode()
+    assert "2024-03-15 09:04:07 UTC" in viewer.get(url("change", effect)).content.decode()
+
+
+def test_duration_is_the_run_apart_from_the_wait_for_a_human(viewer: Client) -> None:
+    start = timezone.now() - timedelta(hours=2)
+    effect = make_effect(created_at=start, completed_at=start + timedelta(minutes=30, seconds=2))
+    effect.transitions.update(at=start)
+    for minutes, (before, after) in (
+        (20, ("requires_approval", "ready")),
+        (30, ("ready", "processing")),
+    ):
+        effect.transitions.create(
+            from_status=before, to_status=after, at=start + timedelta(minutes=minutes)
+        )
+    effect.transitions.create(
+        from_status="processing", to_status="succeeded", at=start + timedelta(minutes=30, seconds=2)
+    )
+    Effect.objects.filter(pk=effect.pk).update(status=EffectStatus.SUCCEEDED)
+    html = viewer.get(url("change", effect)).content.decode()
+    assert '<div class="readonly">2.0 s</div>' in html  # claim to commit: the tool's own run
+    assert '<div class="readonly">20 min 0 s</div>' in html  # waiting for a human
+    row = viewer.get(reverse(CHANGELIST)).content.decode()
+    assert "2.0 s" in row and "20 min 0 s" in row
+
+
+def test_the_admin_log_records_the_decision_and_the_state_after(approver: Client) -> None:
+    effect = make_effect(tool="stripe.refund", workflow_id="order-7731")
+    approver.post(url("deny", effect), {"reason": "needs a second look"})
+    entry = LogEntry.objects.get(object_id=str(effect.pk))
+    assert entry.get_change_message() == "Denied: needs a second look"
+    assert entry.object_repr == "stripe.refund in order-7731 (denied)"
+    history = approver.get(url("history", effect)).content.decode()
+    assert "Denied: needs a second look" in history and "Denyd" not in history
+    other = make_effect()
+    approver.post(url("approve", other))
+    assert LogEntry.objects.get(object_id=str(other.pk)).get_change_message() == "Approved"
+    assert (
+        f"({EffectStatus.READY.label})" in LogEntry.objects.get(object_id=str(other.pk)).object_repr
+    )
+
+
+def test_an_approved_effect_says_what_happens_next(approver: Client) -> None:
+    effect = make_effect()
+    approver.post(url("approve", effect))
+    html = approver.get(url("change", effect)).content.decode()
+    assert "approved, runs when the agent calls again" in html
+    assert 'id="agent-ledger-next"' in html and "Approved by admin: alice" in html
+    Effect.objects.filter(pk=effect.pk).update(status=EffectStatus.PROCESSING)  # claimed
+    html = approver.get(url("change", effect)).content.decode()
+    assert 'id="agent-ledger-next"' not in html
+    assert '<span class="agent-ledger-badge agent-ledger-badge--processing">running</span>' in html
+
+
+def test_one_label_per_status_in_list_title_badge_and_history(viewer: Client) -> None:
+    for status in EffectStatus:
+        effect = make_effect(status=status, tool=f"t.{status.value}")
+        label = str(status.label)
+        page = viewer.get(url("change", effect)).content.decode()
+        assert f"<title>t.{status.value} in wf-1 ({label})" in page
+        badge = f'agent-ledger-badge--{status.value}">{label}</span>'
+        assert badge in page
+        assert re.search(rf'<td class="field-to_status">\s*<p>{re.escape(label)}</p>', page)
+        listing = viewer.get(reverse(CHANGELIST), {"status": status.value}).content.decode()
+        assert badge in listing
+
+
+def test_an_effect_keyed_by_a_resource_shows_it(viewer: Client) -> None:
+    effect = make_effect(resource_id_canonical='billing/invoice/{"number":42}')
+    html = viewer.get(url("change", effect)).content.decode()
+    assert "&quot;namespace&quot;: &quot;billing&quot;" in html
+    assert "&quot;number&quot;: 42" in html

@@ -1,6 +1,7 @@
 """The approval dashboard in a real browser: Debian's Chromium, headless, against ``live_server``.
 
-Screenshots land in ``test-artifacts/`` (``admin-dashboard.png`` is the README's picture).
+Screenshots land in ``test-artifacts/`` (``admin-dashboard.png`` and ``admin-decision-1280x720.png``
+are the README's pictures, copied to ``docs/``).
 """
 
 from __future__ import annotations
@@ -56,13 +57,17 @@ def browser(sync_orm_beside_playwright: None) -> Iterator[Any]:
         browser.close()
 
 
+def open_page(browser: Any, width: int, height: int) -> Any:
+    context = browser.new_context(viewport={"width": width, "height": height})
+    context.set_default_timeout(15_000)
+    return context.new_page()
+
+
 @pytest.fixture
 def page(browser: Any) -> Iterator[Any]:
-    context = browser.new_context(viewport={"width": 1600, "height": 900})
-    context.set_default_timeout(15_000)
-    page = context.new_page()
+    page = open_page(browser, 1600, 900)
     yield page
-    context.close()
+    page.context.close()
 
 
 @pytest.fixture
@@ -129,7 +134,12 @@ def ledger_rows() -> dict[str, Effect]:
             status=EffectStatus.REQUIRES_APPROVAL,
             workflow_id="deploy-prod-2025-06",
             tool="k8s.deploy",
-            args={"namespace": "prod", "image": "registry.example.com/app:v2.4.0", "replicas": 6},
+            args={
+                "namespace": "prod",
+                "image": "registry.example.com/app:v2.4.0",
+                "replicas": 6,
+                "change_note": "Roll out v2.4.0 to prod.\nMigrations: none.\nRollback: v2.3.9.",
+            },
             created_at=now - timedelta(minutes=2),
         ),
     }
@@ -144,10 +154,10 @@ def log_in(page: Any, live_server: Any, username: str) -> None:
     page.wait_for_url(f"{live_server.url}/admin/")
 
 
-def screenshot(page: Any, name: str) -> Path:
+def screenshot(page: Any, name: str, *, full_page: bool = True) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / name
-    page.screenshot(path=str(path), full_page=True)
+    page.screenshot(path=str(path), full_page=full_page)
     return path
 
 
@@ -186,7 +196,8 @@ def test_approver_approves_from_the_dashboard(
     expect(page.locator("#agent-ledger-decision")).to_have_count(0)
     history = page.locator(".inline-group tbody tr.has_original")
     expect(history.last).to_contain_text("admin: alice")
-    expect(history.last).to_contain_text("ready")
+    expect(history.last).to_contain_text("approved, runs when the agent calls again")
+    expect(page.locator("#agent-ledger-next")).to_contain_text("runs when the agent calls again")
     screenshot(page, "admin-approved.png")
 
     deploy = Effect.objects.get(pk=ledger_rows["deploy"].pk)
@@ -258,3 +269,112 @@ def test_viewer_sees_no_buttons_and_cannot_post(
     assert page.request.get(f"{live_server.url}{approve}").status == 405
     assert Effect.objects.get(pk=deploy.pk).status == EffectStatus.REQUIRES_APPROVAL
     assert deploy.transitions.count() == 1
+
+
+# -- the desk's layout -------------------------------------------------------------------------
+
+#: What an approver must see before deciding, top to bottom.
+DESK_PARTS = {
+    "tool": ".agent-ledger-tool",
+    "workflow": ".agent-ledger-workflow",
+    "requested by": ".agent-ledger-requested",
+    "waiting": ".agent-ledger-waited",
+    "arguments": "#agent-ledger-args",
+    "text block": "#agent-ledger-args pre.agent-ledger-text",
+    "comment": "#agent-ledger-approve-comment",
+    "approve": "button.agent-ledger-approve",
+    "reason": "#agent-ledger-deny-reason",
+    "deny": "button.agent-ledger-deny",
+}
+
+
+@pytest.mark.parametrize(("width", "height"), [(1280, 720), (1400, 900)])
+def test_the_decision_is_visible_without_scrolling(
+    browser: Any, live_server: Any, ledger_rows: dict[str, Effect], width: int, height: int
+) -> None:
+    """At laptop sizes the whole decision fits above the fold, the panel spans the content
+    column (Django 6 squeezed it into the top-right corner), and keys come below it."""
+    expect = playwright_sync.expect
+    make_user("alice", VIEW, APPROVE)
+    page = open_page(browser, width, height)
+    log_in(page, live_server, "alice")
+    page.goto(detail_url(live_server, ledger_rows["deploy"]))
+    panel = page.locator("#agent-ledger-decision")
+    expect(panel).to_be_visible()
+    assert page.evaluate("window.scrollY") == 0
+    for name, selector in DESK_PARTS.items():
+        box = page.locator(selector).bounding_box()
+        assert box is not None, name
+        assert box["width"] > 0 and box["height"] > 0, name
+        assert box["y"] >= 0 and box["y"] + box["height"] <= height, (name, box)
+    panel_box = panel.bounding_box()
+    content_box = page.locator("#content").bounding_box()
+    assert panel_box["width"] >= min(0.9 * content_box["width"], 900), (panel_box, content_box)
+    for field in (".field-fence", ".field-idem_key", ".field-call_id"):
+        assert page.locator(field).bounding_box()["y"] > panel_box["y"] + panel_box["height"]
+    # A multi-line string reads as lines of text, not as "\n"-escaped JSON.
+    block = page.locator("#agent-ledger-args pre.agent-ledger-text")
+    assert block.inner_text().splitlines() == [
+        "Roll out v2.4.0 to prod.",
+        "Migrations: none.",
+        "Rollback: v2.3.9.",
+    ]
+    expect(page.locator("#agent-ledger-args")).not_to_contain_text("\\n")
+    screenshot(page, f"admin-decision-{width}x{height}.png", full_page=False)
+    page.context.close()
+
+
+def test_a_long_value_scrolls_in_its_own_box(browser: Any, live_server: Any) -> None:
+    make_user("alice", VIEW, APPROVE)
+    effect = make_effect(
+        tool="email.send",
+        args={"to": "dana@example.com", "body": "\n".join(f"line {n}" for n in range(200))},
+    )
+    page = open_page(browser, 1280, 720)
+    log_in(page, live_server, "alice")
+    page.goto(detail_url(live_server, effect))
+    body = page.locator("#agent-ledger-args pre.agent-ledger-text")
+    sizes = body.evaluate("e => [e.scrollHeight, e.clientHeight]")
+    assert sizes[0] > sizes[1]  # the value scrolls inside its box ...
+    deny = page.locator("button.agent-ledger-deny").bounding_box()
+    assert deny["y"] + deny["height"] <= 720  # ... so the buttons stay in view
+    page.context.close()
+
+
+def test_bulk_approve_shows_what_is_approved_first(
+    page: Any, live_server: Any, ledger_rows: dict[str, Effect]
+) -> None:
+    expect = playwright_sync.expect
+    make_user("alice", VIEW, APPROVE)
+    log_in(page, live_server, "alice")
+    page.goto(f"{live_server.url}/admin/agent_ledger/effect/?status=requires_approval")
+    rows = page.locator("#result_list tbody tr")
+    expect(rows).to_have_count(2)
+    # The queue: oldest first, with what each call asks and how long it has waited.
+    expect(rows.first).to_contain_text("stripe.refund")
+    expect(rows.first).to_contain_text("charge=ch_3PqR7731")
+    expect(rows.first).to_contain_text("5 min")
+    screenshot(page, "admin-queue.png")
+    page.locator("#action-toggle").check()
+    page.select_option("select[name=action]", "approve_selected")
+    page.locator("button[name=index]").click()
+
+    listed = page.locator("#agent-ledger-selected tbody tr.agent-ledger-selected-effect")
+    expect(listed).to_have_count(2)
+    expect(listed.first).to_contain_text("stripe.refund")
+    expect(listed.first).to_contain_text("ch_3PqR7731")
+    expect(listed.last).to_contain_text("registry.example.com/app:v2.4.0")
+    screenshot(page, "admin-bulk-approve.png")
+    assert set(
+        Effect.objects.filter(
+            pk__in=[ledger_rows["deploy"].pk, ledger_rows["refund"].pk]
+        ).values_list("status", flat=True)
+    ) == {EffectStatus.REQUIRES_APPROVAL}
+
+    page.get_by_role("button", name="Approve them").click()
+    expect(page.locator("ul.messagelist")).to_contain_text("Approved 2 effects.")
+    assert set(
+        Effect.objects.filter(
+            pk__in=[ledger_rows["deploy"].pk, ledger_rows["refund"].pk]
+        ).values_list("status", flat=True)
+    ) == {EffectStatus.READY}

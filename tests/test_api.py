@@ -11,11 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.test import override_settings
 from django.urls import reverse
 from django.utils import timezone
+from rest_framework.authentication import BasicAuthentication, SessionAuthentication
 from rest_framework.test import APIClient
 
+from agent_ledger.api.views import EffectViewSet
+from agent_ledger.keys import resource_canonical
 from agent_ledger.models import Effect, EffectStatus
+from agent_ledger.types import ResourceDescriptor
 from tests.ledger_rows import PASSWORD, make_effect, make_user
 
 pytestmark = pytest.mark.django_db
@@ -56,8 +61,27 @@ def approver(approver_user: Any) -> APIClient:
 # -- authentication and permissions ----------------------------------------------------------
 
 
+@pytest.fixture
+def basic_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A project whose DEFAULT_AUTHENTICATION_CLASSES start with Basic (read at import)."""
+    monkeypatch.setattr(
+        EffectViewSet, "authentication_classes", [BasicAuthentication, SessionAuthentication]
+    )
+
+
 @pytest.mark.parametrize("method", ["get", "post"])
-def test_anonymous_is_401_with_a_challenge(method: str) -> None:
+def test_anonymous_gets_no_basic_challenge_unless_the_project_asks(method: str) -> None:
+    """DRF's default classes put the session first: no challenge, so no browser login prompt
+    whose credentials the browser would then send with cross-site requests too."""
+    effect = make_effect()
+    path = LIST if method == "get" else detail(effect, "approve")
+    response = getattr(APIClient(), method)(path)
+    assert response.status_code == 403
+    assert "WWW-Authenticate" not in response
+
+
+@pytest.mark.parametrize("method", ["get", "post"])
+def test_a_basic_first_project_gets_a_basic_challenge(basic_first: None, method: str) -> None:
     effect = make_effect()
     path = LIST if method == "get" else detail(effect, "approve")
     response = getattr(APIClient(), method)(path)
@@ -65,11 +89,89 @@ def test_anonymous_is_401_with_a_challenge(method: str) -> None:
     assert response["WWW-Authenticate"].startswith("Basic")
 
 
-def test_bad_basic_credentials_are_401() -> None:
+@pytest.mark.parametrize(("classes", "code"), [("default", 403), ("basic_first", 401)])
+def test_bad_basic_credentials_are_refused(request: Any, classes: str, code: int) -> None:
+    if classes == "basic_first":
+        request.getfixturevalue("basic_first")
     make_user("viewer", VIEW)
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION="Basic " + base64.b64encode(b"viewer:nope").decode())
-    assert client.get(LIST).status_code == 401
+    assert client.get(LIST).status_code == code
+
+
+# -- ambient credentials: cross-site requests ------------------------------------------------
+
+
+def basic_client(username: str = "alice") -> APIClient:
+    client = APIClient()
+    token = base64.b64encode(f"{username}:{PASSWORD}".encode()).decode()
+    client.credentials(HTTP_AUTHORIZATION=f"Basic {token}")
+    return client
+
+
+def session_client(username: str = "alice") -> APIClient:
+    client = APIClient()
+    client.login(username=username, password=PASSWORD)
+    return client
+
+
+@pytest.mark.parametrize("action", ["approve", "deny"])
+@pytest.mark.parametrize("login", [basic_client, session_client], ids=["basic", "session"])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"HTTP_ORIGIN": "https://evil.example"},
+        {"HTTP_ORIGIN": "null"},
+        {"HTTP_ORIGIN": "http://testserver.evil.example"},
+        {"HTTP_SEC_FETCH_SITE": "cross-site"},
+        {"HTTP_SEC_FETCH_SITE": "same-site"},
+    ],
+    ids=["other-origin", "null-origin", "lookalike-origin", "fetch-cross-site", "fetch-same-site"],
+)
+def test_cross_site_decisions_with_ambient_credentials_are_refused(
+    approver_user: Any, login: Any, headers: dict[str, str], action: str
+) -> None:
+    """A cross-site form POST (``text/plain``, empty body: no CORS preflight) carrying the
+    browser's remembered Basic login or session changes nothing."""
+    effect = make_effect()
+    client = login()
+    response = client.post(detail(effect, action), b"", content_type="text/plain", **headers)
+    assert response.status_code == 403
+    assert response.data["detail"].code == "cross_site_request"
+    effect.refresh_from_db()
+    assert effect.status == EffectStatus.REQUIRES_APPROVAL
+    assert effect.transitions.count() == 1
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},  # curl, a server: no browser headers at all
+        {"HTTP_ORIGIN": "http://testserver"},
+        {"HTTP_SEC_FETCH_SITE": "same-origin"},
+        {"HTTP_ORIGIN": "https://ops.example.com"},
+        {"HTTP_ORIGIN": "https://approvals.corp.example"},
+    ],
+    ids=["no-browser", "same-origin", "fetch-same-origin", "trusted", "trusted-wildcard"],
+)
+@override_settings(CSRF_TRUSTED_ORIGINS=["https://ops.example.com", "https://*.corp.example"])
+def test_same_site_and_trusted_origins_may_decide(
+    approver_user: Any, headers: dict[str, str]
+) -> None:
+    effect = make_effect()
+    response = basic_client().post(detail(effect, "approve"), format="json", **headers)
+    assert response.status_code == 200, response.data
+    effect.refresh_from_db()
+    assert effect.status == EffectStatus.READY
+
+
+def test_non_ambient_credentials_are_not_limited_to_the_site(approver: APIClient) -> None:
+    """A token (here: forced authentication) is sent by code that chose to, not by a browser."""
+    effect = make_effect()
+    response = approver.post(
+        detail(effect, "approve"), format="json", HTTP_ORIGIN="https://other.example"
+    )
+    assert response.status_code == 200
 
 
 def test_basic_authentication_works() -> None:
@@ -338,6 +440,137 @@ def test_list_and_retrieve_are_read_only(approver: APIClient) -> None:
     assert approver.delete(detail(effect)).status_code == 405
 
 
+def test_nobody_deletes_an_effect_through_the_api() -> None:
+    """Deleting would reopen the key; not even a superuser with every permission can."""
+    effect = make_effect()
+    root = client_for(make_user("root", is_superuser=True))
+    assert root.delete(detail(effect)).status_code == 405
+    assert root.delete(LIST).status_code == 405
+    assert Effect.objects.filter(pk=effect.pk).exists()
+    assert effect.transitions.count() == 1
+
+
+# -- hostile input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [100_000, 1_000_000])
+@pytest.mark.parametrize("action", ["approve", "deny"])
+def test_deeply_nested_json_is_400(approver: APIClient, action: str, depth: int) -> None:
+    effect = make_effect()
+    for raw in ("[" * depth + "]" * depth, '{"reason": ' + "[" * depth + "]" * depth + "}"):
+        response = approver.post(detail(effect, action), raw, content_type="application/json")
+        assert response.status_code == 400
+        assert "nested too deeply" in response.data["detail"]
+    effect.refresh_from_db()
+    assert effect.status == EffectStatus.REQUIRES_APPROVAL
+
+
+def cursor(query: str) -> str:
+    return base64.b64encode(query.encode()).decode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "not-base64!",
+        cursor("p=garbage"),
+        cursor("p=2024-13-45 00:00:00"),
+        cursor("p=\x00"),
+        cursor("p=2024-01-01 00:00:00\x00"),
+        cursor("o=abc"),
+        cursor("r=x&p=1"),
+        "\x00",
+    ],
+    ids=[
+        "not-base64",
+        "garbage",
+        "bad-date",
+        "nul",
+        "date-then-nul",
+        "bad-offset",
+        "bad",
+        "raw-nul",
+    ],
+)
+def test_a_tampered_cursor_is_400(viewer: APIClient, value: str) -> None:
+    make_effect()
+    response = viewer.get(LIST, {"cursor": value})
+    assert response.status_code == 400
+    assert response.data == {"cursor": ["Invalid cursor."]}
+
+
+def test_a_real_cursor_still_works(viewer: APIClient) -> None:
+    start = timezone.now() - timedelta(hours=1)
+    for minutes in range(3):
+        make_effect(created_at=start + timedelta(minutes=minutes))
+    first = viewer.get(LIST, {"page_size": 2}).data
+    second = viewer.get(first["next"])
+    assert second.status_code == 200
+    assert len(second.data["results"]) == 1
+
+
+@pytest.mark.parametrize("where", ["tool", "workflow_id"])
+def test_a_nul_byte_in_an_api_filter_is_400(viewer: APIClient, where: str) -> None:
+    assert viewer.get(LIST, {where: "a\x00b"}).status_code == 400
+
+
+# -- effects keyed by a ResourceDescriptor ---------------------------------------------------
+
+
+def resource_effect() -> Effect:
+    descriptor = ResourceDescriptor(namespace="billing", type="invoice", id={"number": 42})
+    return make_effect(resource_id_canonical=resource_canonical(descriptor))
+
+
+def test_an_effect_keyed_by_a_resource_reads_in_list_and_detail(viewer: APIClient) -> None:
+    effect = resource_effect()
+    assert viewer.get(LIST).status_code == 200
+    response = viewer.get(detail(effect))
+    assert response.status_code == 200
+    assert response.data["resource"] == {
+        "namespace": "billing",
+        "type": "invoice",
+        "id": {"number": 42},
+    }
+    assert response.data["resource_id"] == {"number": 42}
+
+
+@pytest.mark.parametrize("action", ["approve", "deny"])
+def test_an_effect_keyed_by_a_resource_is_decided_once(approver: APIClient, action: str) -> None:
+    effect = resource_effect()
+    response = approver.post(detail(effect, action), {"reason": "ok"}, format="json")
+    assert response.status_code == 200
+    assert response.data["resource"]["namespace"] == "billing"
+    again = approver.post(detail(effect, action), {"reason": "ok"}, format="json")
+    assert again.status_code == 409
+
+
+# -- approvers who may not read --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("action", ["approve", "deny"])
+def test_an_approver_without_view_gets_the_outcome_only(action: str) -> None:
+    effect = make_effect(args={"card": "4242 4242 4242 4242"})
+    client = client_for(make_user("blind", APPROVE, staff=False))
+    assert client.get(detail(effect)).status_code == 403
+    response = client.post(detail(effect, action), {"reason": "no"}, format="json")
+    assert response.status_code == 200
+    status = "ready" if action == "approve" else "denied"
+    assert response.data == {
+        "id": str(effect.pk),
+        "idem_key": effect.idem_key,
+        "status": status,
+        "status_label": str(EffectStatus(status).label),
+    }
+    assert "4242" not in response.content.decode()
+
+
+def test_status_labels_match_the_admin(viewer: APIClient) -> None:
+    for status in EffectStatus:
+        effect = make_effect(status=status)
+        assert viewer.get(detail(effect)).data["status_label"] == str(status.label)
+
+
 # -- schema ----------------------------------------------------------------------------------
 
 
@@ -373,7 +606,7 @@ except NoReverseMatch:
 else:
     raise AssertionError("schema route without drf-spectacular")
 response = Client().get(reverse("agent_ledger_api:effect-list"))
-assert response.status_code == 401, response.status_code
+assert response.status_code == 403, response.status_code
 print("ok")
 """
     env = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings"}

@@ -17,9 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MANAGE = ROOT / "example_project" / "manage.py"
 
 
-def manage(*args: str, database: Path) -> str:
+def manage(*args: str, database: Path, **environ: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     env["DATABASE_URL"] = f"sqlite:///{database}"
+    env.update(environ)
     result = subprocess.run(
         [sys.executable, str(MANAGE), *args],
         cwd=ROOT,
@@ -67,3 +68,19 @@ def test_check_migrate_and_demo_twice(database: Path) -> None:
         ("denied", "cli", "demo operator"),
         ("ready", "cli", "demo operator"),
     ]
+
+
+def test_the_demo_prints_the_webhook_secret_itself(database: Path) -> None:
+    """The banner once printed the secret's name ("demo"); signing with that gave 401."""
+    printed = manage("demo", "--webhook-secret", database=database).strip()
+    assert printed == "dev-only-webhook-secret-change-me"
+    chosen = "a-secret-from-the-environment-0123"
+    assert (
+        manage(
+            "demo", "--webhook-secret", database=database, AGENT_LEDGER_WEBHOOK_SECRET=chosen
+        ).strip()
+        == chosen
+    )
+    script = (ROOT / "scripts" / "demo.sh").read_text()
+    assert "WEBHOOK_SECRET=$(manage demo --webhook-secret)" in script
+    assert "sign with the secret $WEBHOOK_SECRET" in script

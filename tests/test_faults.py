@@ -3,7 +3,8 @@ the next call works.
 
 The scenarios live in ``tests/workers/faults.py`` so ``PostgresStore`` (here, in-process) and
 ``DjangoStore`` (in a Django process configured for a throwaway schema) go through the same
-ones. Failures are simulated with ``pg_terminate_backend`` and closed ports; the server itself
+ones. Failures are simulated with ``pg_terminate_backend``, closed ports and a read-only spell
+(``default_transaction_read_only`` set for a login role made for the test); the server itself
 is never stopped, since other test runs share it.
 """
 
@@ -19,6 +20,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -28,7 +30,16 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from agent_ledger import EffectStoreError
 from agent_ledger.stores.postgres import PostgresStore
 from tests.conftest import POSTGRES_URL
-from tests.stores.postgres import create_schema, drop_schema_sync, ledger_schema, schema_pool
+from tests.stores.postgres import (
+    create_login_role,
+    create_schema,
+    drop_login_role_sync,
+    drop_schema_sync,
+    ledger_schema,
+    login_role,
+    role_conninfo,
+    schema_pool,
+)
 from tests.workers import faults
 from tests.workers.faults import Kit
 
@@ -51,16 +62,35 @@ async def kit() -> AsyncIterator[Kit]:
     name = f"ledger-faults-{secrets.token_hex(4)}"
     async with (
         ledger_schema(prefix="faults") as schema,
+        # A role of its own: the read-only spell changes its settings, nobody else's.
+        login_role(schema) as conninfo,
         # One connection: after it is killed, the pool's check finds it dead and waits a
         # reconnection delay (about 1 s) per dead connection before trying the next.
-        schema_pool(schema, max_size=1, kwargs={"application_name": name}) as pool,
+        schema_pool(
+            schema, conninfo=conninfo, max_size=1, kwargs={"application_name": name}
+        ) as pool,
     ):
-        yield Kit(PostgresStore(pool=pool), POSTGRES_URL, schema, name)
+        store = PostgresStore(pool=pool)
+        try:
+            yield Kit(store, conninfo, schema, name)
+        finally:
+            await store.aclose()
+
+
+def report_measured(name: str, measured: dict[str, object]) -> None:
+    """Shown with ``pytest -s`` (and in the JUnit XML): figures, never thresholds."""
+    if measured:
+        print(f"\n{name}: {json.dumps(measured)}")
 
 
 @pytest.mark.parametrize("scenario", list(faults.SCENARIOS))
-async def test_postgres_store(kit: Kit, scenario: str) -> None:
+async def test_postgres_store(
+    kit: Kit, scenario: str, record_property: pytest.RecordProperty
+) -> None:
     await faults.SCENARIOS[scenario](kit)
+    if scenario in kit.measured:
+        record_property("measured", kit.measured[scenario])
+        report_measured(f"PostgresStore {scenario}", kit.measured[scenario])
 
 
 async def test_postgres_store_unreachable_fails_fast_with_a_chained_error() -> None:
@@ -111,9 +141,10 @@ async def test_without_pool_checks_a_dropped_connection_fails_one_call_only() ->
 # -- DjangoStore, in a Django process on its own schema -----------------------------------------
 
 
-def run_django_faults(*args: str) -> dict[str, str]:
+def run_django_faults(*args: str, conninfo: str = POSTGRES_URL) -> dict[str, Any]:
+    """The worker's report: ``results`` (scenario: "ok" or a traceback) and ``measured``."""
     done = subprocess.run(
-        [sys.executable, "-m", "tests.workers.faults", "--conninfo", POSTGRES_URL, *args],
+        [sys.executable, "-m", "tests.workers.faults", "--conninfo", conninfo, *args],
         cwd=ROOT,
         capture_output=True,
         timeout=180,
@@ -125,22 +156,38 @@ def run_django_faults(*args: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def django_report() -> Iterator[dict[str, str]]:
-    """Every scenario, run once in one Django process (Django starts slowly)."""
+def django_report() -> Iterator[dict[str, Any]]:
+    """Every scenario, run once in one Django process (Django starts slowly), logged in as a
+    role of its own like the in-process kit."""
     schema = asyncio.run(create_schema(prefix="faults"))
     try:
-        yield run_django_faults(
-            "--schema", schema, "--application-name", f"ledger-faults-{secrets.token_hex(4)}"
-        )
+        role = asyncio.run(create_login_role(schema))
+        try:
+            yield run_django_faults(
+                "--schema",
+                schema,
+                "--application-name",
+                f"ledger-faults-{secrets.token_hex(4)}",
+                conninfo=role_conninfo(role),
+            )
+        finally:
+            drop_login_role_sync(role)
     finally:
         drop_schema_sync(schema)
 
 
 @pytest.mark.parametrize("scenario", list(faults.SCENARIOS))
-def test_django_store(django_report: dict[str, str], scenario: str) -> None:
-    assert django_report[scenario] == "ok", django_report[scenario]
+def test_django_store(
+    django_report: dict[str, Any], scenario: str, record_property: pytest.RecordProperty
+) -> None:
+    result = django_report["results"][scenario]
+    assert result == "ok", result
+    measured = django_report["measured"].get(scenario)
+    if measured:
+        record_property("measured", measured)
+        report_measured(f"DjangoStore {scenario}", measured)
 
 
 def test_django_store_unreachable_fails_with_a_chained_error() -> None:
-    report = run_django_faults("--schema", "public", "--port", str(closed_port()))
+    report = run_django_faults("--schema", "public", "--port", str(closed_port()))["results"]
     assert report == {"unreachable": "ok"}, report["unreachable"]

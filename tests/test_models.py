@@ -128,7 +128,7 @@ def test_with_history_prefetches_transitions_in_order() -> None:
 
 
 def test_str() -> None:
-    assert str(make_effect(tool="t", workflow_id="w")) == "t [processing] w"
+    assert str(make_effect(tool="t", workflow_id="w")) == "t in w (running)"
     effect = make_effect()
     row = EffectTransition.objects.create(effect=effect, to_status="processing", actor_label="api")
     assert str(row) == "- -> processing by api"

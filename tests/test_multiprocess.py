@@ -253,3 +253,38 @@ async def test_a_killed_owner_is_taken_over_by_exactly_one_process(
             ("processing", "processing", "stale takeover"),
             ("processing", "succeeded", None),
         ]
+
+
+#: Replays a worker reports before it is killed.
+REPLAYS = 200
+
+
+@pytest.mark.parametrize("store", ["postgres", "django"])
+async def test_sigkill_loses_no_reported_replay_count(
+    db: AsyncConnection[Any], schema: str, store: str
+) -> None:
+    """A replay is counted by the ``BEGIN`` that finds the key, before the call returns, so a
+    process SIGKILLed after reporting N replays leaves a count of at least N (and at most the
+    one more it may have had in flight): nothing is held in the process to be lost."""
+    worker = await Worker.start(schema, store, "--prefix", "replay", "--replay-forever")
+    stdout = worker.process.stdout
+    assert stdout is not None
+    reported = 0
+    while reported < REPLAYS:
+        line = await asyncio.wait_for(stdout.readline(), TIMEOUT_S)
+        if not line:
+            _, stderr = await worker.process.communicate()
+            pytest.fail(f"the {store} worker exited:\n{stderr.decode()}")
+        if line.startswith(b"replayed "):
+            reported = int(line.split()[1])
+    worker.process.send_signal(signal.SIGKILL)
+    rest, _ = await asyncio.wait_for(worker.process.communicate(), TIMEOUT_S)
+    assert worker.process.returncode == -signal.SIGKILL
+    # What it printed before it died counts as reported too (only whole lines).
+    for line in rest.split(b"\n")[:-1]:
+        if line.startswith(b"replayed "):
+            reported = int(line.split()[1])
+    dedup = await scalar(
+        db, "SELECT dedup_count FROM agent_ledger_effect WHERE workflow_id = %s", "replay-0"
+    )
+    assert reported <= dedup <= reported + 1, (reported, dedup)

@@ -254,10 +254,35 @@ def test_malformed_signature(value: str) -> None:
     assert_refused(response, "ignature", effect)
 
 
-def test_no_secrets_configured() -> None:
+@pytest.mark.parametrize(
+    "configured",
+    [{}, {"chat": ""}, {"chat": "short"}, {"chat": "x" * 15}, {"chat": None}, "not a dict"],
+    ids=["none", "empty", "short", "15-chars", "not-a-string", "not-a-dict"],
+)
+def test_no_usable_secret_is_503_and_logged(
+    configured: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """System checks do not run under gunicorn: an empty secret from a missing environment
+    variable must not let a request signed with the empty key decide anything."""
     effect = make_effect()
-    with override_settings(AGENT_LEDGER={}):
-        assert_refused(post(decision(effect)), "not configured", effect)
+    key = configured.get("chat") if isinstance(configured, dict) else None
+    with override_settings(AGENT_LEDGER={"WEBHOOK_SECRETS": configured}):
+        response = post(decision(effect), secret=key if isinstance(key, str) else "")
+    assert response.status_code == 503
+    assert response.json()["detail"] == "The approval webhook is not configured."
+    assert any(
+        r.levelname == "ERROR" and "WEBHOOK_SECRETS" in r.getMessage() for r in caplog.records
+    )
+    effect.refresh_from_db()
+    assert effect.status == EffectStatus.REQUIRES_APPROVAL
+    assert effect.transitions.count() == 1
+
+
+def test_a_short_secret_beside_a_good_one_is_never_used() -> None:
+    effect = make_effect()
+    with override_settings(AGENT_LEDGER={"WEBHOOK_SECRETS": {"chat": "", **SECRETS}}):
+        assert_refused(post(decision(effect), secret=""), "matches none", effect)
+        assert post(decision(effect)).status_code == 200
 
 
 def test_get_is_not_a_decision() -> None:
@@ -313,6 +338,27 @@ def test_neither_key_nor_id_is_400() -> None:
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b""])
 def test_not_a_json_object_is_400(raw: bytes) -> None:
     assert post(raw).status_code == 400
+
+
+@pytest.mark.parametrize("depth", [100_000, 1_000_000])
+def test_deeply_nested_json_is_400(depth: int) -> None:
+    """Nesting past Python's recursion limit raised RecursionError in the parser (a 500)."""
+    effect = make_effect()
+    for raw in (b"[" * depth + b"]" * depth, b'{"reason": ' + b"[" * depth + b"]" * depth + b"}"):
+        response = post(raw)
+        assert response.status_code == 400
+        assert "nested too deeply" in response.json()["detail"]
+    effect.refresh_from_db()
+    assert effect.status == EffectStatus.REQUIRES_APPROVAL
+
+
+def test_a_nul_byte_in_the_reason_is_400() -> None:
+    effect = make_effect()
+    response = post(decision(effect, "deny", reason="no\x00way"))
+    assert response.status_code == 400
+    assert "reason" in response.json()
+    effect.refresh_from_db()
+    assert effect.status == EffectStatus.REQUIRES_APPROVAL
 
 
 def test_not_json_at_all_is_415() -> None:

@@ -25,3 +25,21 @@ async def ledger_echo(request: HttpRequest) -> JsonResponse:
 
 
 urlpatterns += [path("tests/ledger-echo/", ledger_echo)]
+
+
+def ledger_echo_sync(request: HttpRequest) -> JsonResponse:
+    """A sync (WSGI) view that runs a tool through ``run_sync``, for tests/test_sync.py."""
+    from agent_ledger import Effect, ToolCall
+    from agent_ledger.services import get_ledger
+
+    ran = []
+
+    def handler(effect: Effect) -> dict[str, str]:
+        ran.append(True)
+        return {"echo": effect.args["text"]}
+
+    call = ToolCall(workflow_id="wsgi", tool="test.echo", args={"text": request.GET["text"]})
+    return JsonResponse({"result": get_ledger().run_sync(call, handler), "ran": bool(ran)})
+
+
+urlpatterns += [path("tests/ledger-echo-sync/", ledger_echo_sync)]

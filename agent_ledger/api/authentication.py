@@ -15,14 +15,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import logging
 import time
 from typing import Any
 
+from rest_framework import status
 from rest_framework.authentication import BaseAuthentication
-from rest_framework.exceptions import AuthenticationFailed
+from rest_framework.exceptions import APIException, AuthenticationFailed
 from rest_framework.request import Request
 
-from ..conf import ledger_settings
+from ..conf import MIN_WEBHOOK_SECRET_LENGTH, ledger_settings
+
+logger = logging.getLogger(__name__)
 
 TIMESTAMP_HEADER = "X-Agent-Ledger-Timestamp"
 SIGNATURE_HEADER = "X-Agent-Ledger-Signature"
@@ -51,16 +55,45 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"{SIGNATURE_SCHEME}={digest.hexdigest()}"
 
 
+class WebhookNotConfigured(APIException):
+    """No usable secret: the server's fault, not the sender's, so 503 rather than 401."""
+
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    default_detail = "The approval webhook is not configured."
+    default_code = "not_configured"
+
+
+def usable_secrets() -> dict[str, str]:
+    """The configured secrets long enough to sign with; the others are never used.
+
+    The system check (agent_ledger.E005) refuses short ones, but checks do not run under
+    gunicorn or uwsgi: a missing environment variable (an empty secret) must not open the
+    webhook to anyone who signs with the empty key.
+    """
+    secrets = ledger_settings.WEBHOOK_SECRETS
+    if not isinstance(secrets, dict):
+        return {}
+    return {
+        name: secret
+        for name, secret in secrets.items()
+        if isinstance(name, str)
+        and isinstance(secret, str)
+        and len(secret) >= MIN_WEBHOOK_SECRET_LENGTH
+    }
+
+
 class WebhookSignatureAuthentication(BaseAuthentication):
     """Authenticates a request by its HMAC signature; every failure is a 401 with a reason."""
 
     def authenticate(self, request: Request) -> tuple[WebhookSender, str]:
-        secrets: dict[str, str] = ledger_settings.WEBHOOK_SECRETS or {}
+        secrets = usable_secrets()
         if not secrets:
-            raise AuthenticationFailed(
-                "The approval webhook is not configured: AGENT_LEDGER['WEBHOOK_SECRETS'] is empty.",
-                code="not_configured",
+            logger.error(
+                "Approval webhook refused a request: AGENT_LEDGER['WEBHOOK_SECRETS'] has no "
+                "secret of %d+ characters.",
+                MIN_WEBHOOK_SECRET_LENGTH,
             )
+            raise WebhookNotConfigured()
         timestamp = request.headers.get(TIMESTAMP_HEADER, "").strip()
         signature = request.headers.get(SIGNATURE_HEADER, "").strip()
         if not signature:

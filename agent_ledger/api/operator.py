@@ -9,7 +9,6 @@ from typing import Any
 
 from rest_framework import serializers, status
 from rest_framework.generics import GenericAPIView
-from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -19,7 +18,8 @@ from ..models import Effect
 from ..operator import MAX_ERROR_MESSAGE_LENGTH, MAX_REASON_LENGTH, outcome_of
 from ..stores.base import TransitionRecord
 from ..types import Actor
-from .permissions import _HasPermission
+from .parsers import SafeJSONParser
+from .permissions import SameSiteForAmbientCredentials, _HasPermission
 from .schema import document, response, view_schema
 from .serializers import (
     ConflictSerializer,
@@ -27,7 +27,6 @@ from .serializers import (
     StrictCharField,
     StrictSerializer,
 )
-from .views import ChallengeMixin
 
 
 class CanRetryEffects(_HasPermission):
@@ -86,9 +85,9 @@ OPERATOR_RESPONSES = {
 }
 
 
-class _OperatorView(ChallengeMixin, GenericAPIView):
+class _OperatorView(GenericAPIView):
     queryset = Effect.objects.all()
-    parser_classes = [JSONParser]
+    parser_classes = [SafeJSONParser]
     schema = view_schema()
     #: The status the action needs, for the 409's message.
     needs = ""
@@ -123,7 +122,7 @@ class _OperatorView(ChallengeMixin, GenericAPIView):
 class RetryView(_OperatorView):
     """Reopen a failed effect (``failed -> ready``): the next run of its call runs again."""
 
-    permission_classes = [CanRetryEffects]
+    permission_classes = [CanRetryEffects, SameSiteForAmbientCredentials]
     serializer_class = RetrySerializer
     needs = "failed"
 
@@ -138,7 +137,7 @@ class RetryView(_OperatorView):
 class ResolveView(_OperatorView):
     """Record the outcome of a processing effect whose owner is gone; waiters receive it."""
 
-    permission_classes = [CanResolveEffects]
+    permission_classes = [CanResolveEffects, SameSiteForAmbientCredentials]
     serializer_class = ResolveSerializer
     needs = "processing"
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from rest_framework import serializers
 
 from ..ledger import MAX_REASON_LENGTH
-from ..models import Effect, EffectStatus, EffectTransition
+from ..models import Effect, EffectStatus, EffectTransition, status_label
 from ..types import MAX_NAME_LENGTH
 
 #: ``EffectTransition.actor_name`` is this wide.
@@ -56,6 +55,7 @@ class TransitionSerializer(serializers.ModelSerializer):
 class EffectSerializer(serializers.ModelSerializer):
     """An effect without its (possibly large) arguments and result: the list view."""
 
+    status_label = serializers.SerializerMethodField()
     duration_ms = serializers.SerializerMethodField()
 
     class Meta:
@@ -67,6 +67,7 @@ class EffectSerializer(serializers.ModelSerializer):
             "call_id",
             "tool",
             "status",
+            "status_label",
             "dedup_count",
             "error",
             "created_at",
@@ -75,6 +76,10 @@ class EffectSerializer(serializers.ModelSerializer):
             "duration_ms",
         )
         read_only_fields: tuple[str, ...] = fields
+
+    def get_status_label(self, obj: Effect) -> str:
+        """The same words the admin shows (``EffectStatus`` labels)."""
+        return status_label(obj.status)
 
     def get_duration_ms(self, obj: Effect) -> float | None:
         if obj.completed_at is None or obj.created_at is None:
@@ -86,6 +91,7 @@ class EffectDetailSerializer(EffectSerializer):
     """One effect in full: arguments, resource, result, error and its history."""
 
     args = serializers.SerializerMethodField()
+    resource = serializers.SerializerMethodField()
     resource_id = serializers.SerializerMethodField()
     history = TransitionSerializer(source="transitions", many=True, read_only=True)
 
@@ -93,6 +99,7 @@ class EffectDetailSerializer(EffectSerializer):
         fields = (
             *EffectSerializer.Meta.fields,
             "args",
+            "resource",
             "resource_id",
             "result",
             "fence",
@@ -101,12 +108,27 @@ class EffectDetailSerializer(EffectSerializer):
         read_only_fields = fields
 
     def get_args(self, obj: Effect) -> Any:
-        return json.loads(obj.args_canonical)
+        return obj.args
+
+    def get_resource(self, obj: Effect) -> dict[str, Any] | None:
+        """``{"namespace", "type", "id"}`` when the key was made from a ``ResourceDescriptor``."""
+        return obj.resource
 
     def get_resource_id(self, obj: Effect) -> Any:
-        if obj.resource_id_canonical is None:
-            return None
-        return json.loads(obj.resource_id_canonical)
+        resource = obj.resource
+        return None if resource is None else resource["id"]
+
+
+class DecisionOutcomeSerializer(serializers.Serializer):
+    """A decision's answer to an approver without ``view_effect``: the outcome, nothing read."""
+
+    id = serializers.CharField()
+    idem_key = serializers.CharField()
+    status = serializers.CharField()
+    status_label = serializers.SerializerMethodField()
+
+    def get_status_label(self, obj: Any) -> str:
+        return status_label(str(obj.status))
 
 
 class DecisionSerializer(StrictSerializer):

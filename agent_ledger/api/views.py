@@ -6,14 +6,17 @@ A decision that was not applied is returned as a ``Response`` (409), not raised:
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from django.db.models import QuerySet
+from django.utils.dateparse import parse_datetime
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.filters import OrderingFilter
-from rest_framework.pagination import CursorPagination
-from rest_framework.parsers import JSONParser
+from rest_framework.pagination import Cursor, CursorPagination
+from rest_framework.parsers import FormParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -25,10 +28,18 @@ from ..stores.base import TransitionRecord
 from ..types import Actor
 from .authentication import WebhookSender, WebhookSignatureAuthentication
 from .filters import EffectFilterBackend
-from .permissions import CanApproveEffects, CanViewEffects, IsSignedWebhook
+from .parsers import SafeJSONParser
+from .permissions import (
+    VIEW_PERMISSION,
+    CanApproveEffects,
+    CanViewEffects,
+    IsSignedWebhook,
+    SameSiteForAmbientCredentials,
+)
 from .schema import document, response, view_schema
 from .serializers import (
     ConflictSerializer,
+    DecisionOutcomeSerializer,
     DecisionSerializer,
     EffectDetailSerializer,
     EffectSerializer,
@@ -39,8 +50,12 @@ from .serializers import (
 DECIDE = {"approve": services.approve, "deny": services.deny}
 PAST = {"approve": "approved", "deny": "denied"}
 DECISION_RESPONSES = {
-    200: response(EffectDetailSerializer, "Decided; the effect with its history."),
+    200: response(
+        EffectDetailSerializer,
+        "Decided; the effect with its history (only the outcome without view_effect).",
+    ),
     400: response(None, "Bad body: unknown field, or reason not a string or too long."),
+    403: response(None, "No approve_effect, or a cross-site request with browser credentials."),
     404: response(None, "No such effect."),
     409: response(ConflictSerializer, "Not awaiting approval; body has the current status."),
 }
@@ -54,30 +69,44 @@ class EffectCursorPagination(CursorPagination):
     page_size_query_param = "page_size"
     max_page_size = 500
 
+    def decode_cursor(self, request: Request) -> Cursor | None:
+        """A cursor that was not made here is a 400: DRF would answer 404 for a bad encoding
+        and let a tampered position reach the database (a 500 on PostgreSQL)."""
+        invalid = ValidationError({self.cursor_query_param: ["Invalid cursor."]})
+        encoded = request.query_params.get(self.cursor_query_param)
+        if encoded is None:
+            return None
+        try:
+            # DRF's decoding skips characters that are not base64; a cursor made here has none.
+            base64.b64decode(encoded.encode("ascii"), validate=True)
+            cursor = super().decode_cursor(request)
+        except (ValueError, NotFound):
+            raise invalid from None
+        if cursor is not None and cursor.position is not None:
+            try:
+                valid = "\x00" not in cursor.position and parse_datetime(cursor.position)
+            except ValueError:
+                valid = False
+            if not valid:
+                raise invalid
+        return cursor
 
-class ChallengeMixin:
-    """401 (with ``WWW-Authenticate``) for a missing login whenever any configured
-    authenticator can issue a challenge, not just the first one.
 
-    DRF asks only the first class; with the default ``[SessionAuthentication,
-    BasicAuthentication]`` that is the session, which has no challenge, so DRF answers 403.
+#: Parsers of every view here: DRF's defaults, with JSON nested too deeply answered by a 400.
+PARSERS = [SafeJSONParser, FormParser, MultiPartParser]
+
+
+class EffectViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    """The audit trail: list and read effects; approve or deny one awaiting approval.
+
+    Authentication is the project's own (DRF's ``DEFAULT_AUTHENTICATION_CLASSES``), and so is
+    the challenge: a 401 with ``WWW-Authenticate`` only when the first class asks for one (a
+    Basic challenge makes browsers prompt and then send the login with every request).
     """
-
-    def get_authenticate_header(self, request: Request) -> str | None:
-        for authenticator in self.get_authenticators():  # type: ignore[attr-defined]
-            header = authenticator.authenticate_header(request)
-            if header:
-                return str(header)
-        return None
-
-
-class EffectViewSet(
-    ChallengeMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
-):
-    """The audit trail: list and read effects; approve or deny one awaiting approval."""
 
     queryset = Effect.objects.all()
     permission_classes = [CanViewEffects]
+    parser_classes = PARSERS
     pagination_class = EffectCursorPagination
     filter_backends = [EffectFilterBackend, OrderingFilter]
     # Cursor pagination needs an unchanging position: the creation time, either direction.
@@ -99,13 +128,21 @@ class EffectViewSet(
         return EffectDetailSerializer
 
     @document(request=DecisionSerializer, responses=DECISION_RESPONSES)
-    @action(detail=True, methods=["post"], permission_classes=[CanApproveEffects])
+    @action(
+        detail=True,
+        methods=["post"],
+        permission_classes=[CanApproveEffects, SameSiteForAmbientCredentials],
+    )
     def approve(self, request: Request, pk: str | None = None) -> Response:
         """``requires_approval -> ready``; 409 with the current status when it is not waiting."""
         return self._decide(request, "approve")
 
     @document(request=DecisionSerializer, responses=DECISION_RESPONSES)
-    @action(detail=True, methods=["post"], permission_classes=[CanApproveEffects])
+    @action(
+        detail=True,
+        methods=["post"],
+        permission_classes=[CanApproveEffects, SameSiteForAmbientCredentials],
+    )
     def deny(self, request: Request, pk: str | None = None) -> Response:
         """``requires_approval -> denied``; 409 with the current status when it is not waiting."""
         return self._decide(request, "deny")
@@ -132,8 +169,12 @@ class EffectViewSet(
                 },
                 status=status.HTTP_409_CONFLICT,
             )
+        context = self.get_serializer_context()
+        if not request.user.has_perm(VIEW_PERMISSION):
+            # May decide, may not read: the outcome, never the args, result or history.
+            return Response(DecisionOutcomeSerializer(record.effect, context=context).data)
         fresh = Effect.objects.with_history().get(pk=effect.pk)
-        return Response(EffectDetailSerializer(fresh, context=self.get_serializer_context()).data)
+        return Response(EffectDetailSerializer(fresh, context=context).data)
 
 
 class WebhookView(APIView):
@@ -144,7 +185,7 @@ class WebhookView(APIView):
 
     authentication_classes = [WebhookSignatureAuthentication]
     permission_classes = [IsSignedWebhook]
-    parser_classes = [JSONParser]
+    parser_classes = [SafeJSONParser]
     schema = view_schema()
 
     def get_serializer(self, *args: Any, **kwargs: Any) -> WebhookDecisionSerializer:
@@ -156,6 +197,7 @@ class WebhookView(APIView):
             200: response(WebhookResultSerializer, "Decided, or the same decision already was."),
             400: response(None, "Unknown decision or a bad body."),
             401: response(None, "Missing or bad signature, or a stale timestamp."),
+            503: response(None, "No webhook secret long enough to verify with is configured."),
             404: response(None, "No such effect."),
             409: response(ConflictSerializer, "The effect was decided otherwise or never waited."),
         },
@@ -175,6 +217,8 @@ class WebhookView(APIView):
             record = DECIDE[decision](effect.idem_key, actor=actor, reason=data.get("reason"))
         except EffectNotFoundError:
             return Response({"detail": "No such effect."}, status=status.HTTP_404_NOT_FOUND)
+        except EffectLedgerValidationError as exc:
+            return Response({exc.field or "detail": [str(exc)]}, status=400)
         if record.changed:
             return self._answer(PAST[decision], record)
         if _already(decision, effect.pk, record):

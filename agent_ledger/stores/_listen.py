@@ -61,12 +61,11 @@ class Listener:
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=1.0):
                             self._notifier.notify(note.payload)
-            except Exception:
+            except Exception as exc:
                 self.listening.clear()
                 delay = _RETRY_S[min(failures, len(_RETRY_S) - 1)]
                 failures += 1
-                logger.warning(
-                    "agent_ledger: LISTEN failed; polling for %.1fs", delay, exc_info=True
-                )
+                # One line, not a traceback: during a database restart this repeats.
+                logger.warning("agent_ledger: LISTEN failed (%s); polling for %.1fs", exc, delay)
                 self._stop.wait(delay)
         self.listening.clear()

@@ -18,9 +18,13 @@ TABLE = "agent_ledger_effecttombstone"
 #: Appended to the ``SELECT`` that feeds ``BEGIN``'s insert.
 NOT_TOMBSTONED = f"WHERE NOT EXISTS (SELECT 1 FROM {TABLE} WHERE idem_key = %(idem_key)s)"
 
-#: ``BEGIN``'s third answer: neither inserted nor found, because the key was pruned.
-PURGED = f"""UNION ALL
-SELECT NULL, {", ".join(["NULL"] * 5)}, status, {", ".join(["NULL"] * 9)}, NULL FROM {TABLE}
+
+def purged_branch(columns: str) -> str:
+    """``BEGIN``'s third answer: neither inserted nor found, because the key was pruned: a row
+    of NULLs (``created`` and ``side`` too) but for the tombstone's ``status``."""
+    values = ["status" if name.strip() == "status" else "NULL" for name in columns.split(",")]
+    return f"""UNION ALL
+SELECT NULL, {", ".join(values)}, NULL FROM {TABLE}
 WHERE idem_key = %(idem_key)s AND NOT EXISTS (SELECT 1 FROM ins)
   AND NOT EXISTS (SELECT 1 FROM replay)
 """
@@ -30,3 +34,13 @@ def purged(idem_key: str, row: dict[str, object]) -> EffectPurgedError:
     """The error for ``BEGIN``'s answer to a tombstoned key (``row["created"]`` is NULL)."""
     status = row.get("status")
     return EffectPurgedError(idem_key, status if isinstance(status, str) else None)
+
+
+def refuse_tombstoned(using: str, idem_key: str) -> None:
+    """``DjangoStore``'s ORM path: raise ``EffectPurgedError`` (undoing the caller's
+    savepoint) when ``idem_key`` has a tombstone."""
+    from ..models import EffectTombstone  # Django only here: PostgresStore imports this module
+
+    tombstone = EffectTombstone.objects.using(using).filter(idem_key=idem_key).first()
+    if tombstone is not None:
+        raise purged(idem_key, {"status": tombstone.status})

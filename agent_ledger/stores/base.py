@@ -43,6 +43,7 @@ class NewEffect:
     args_canonical: str
     resource_id_canonical: str | None
     actor: Actor
+    continuation: Any = None
 
     def created(self, created_at: datetime, updated_at: datetime | None = None) -> Effect:
         """The effect as inserted: what was asked for, at the store's clock."""
@@ -59,6 +60,8 @@ class NewEffect:
             created_at=created_at,
             updated_at=updated_at or created_at,
             fence=1,
+            attempts=1 if self.status is EffectStatus.PROCESSING else 0,
+            continuation=self.continuation,
         )
 
 
@@ -110,11 +113,26 @@ class EffectStore(Protocol):
         row, in one transaction. Raises ``EffectNotFoundError`` for an unknown key."""
         ...
 
+    async def release(
+        self,
+        effect_id: str,
+        *,
+        fence: int,
+        actor: Actor,
+        reason: str,
+        error: EffectError | None = None,
+    ) -> Effect | None:
+        """``processing -> ready`` if the fence still matches: the owner hands the effect back
+        unfinished (it stopped before acting, or failed in a way worth retrying), so the next
+        call claims it at once. ``error`` (the failed attempt's) is stored on the effect, the
+        reason on the history row. Returns the released effect, or None when refused."""
+        ...
+
     async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
         """Take ownership: ``ready -> processing``, or, when ``stale_after_ms > 0``, a processing
         effect whose ``updated_at`` is older than that (by the store's clock) is taken over.
-        Either way the fence rises by one and ``updated_at`` is now. Returns the claimed effect,
-        or None when another caller was first or the effect is not claimable."""
+        Either way the fence and ``attempts`` rise by one and ``updated_at`` is now. Returns the
+        claimed effect, or None when another caller was first or the effect is not claimable."""
         ...
 
     async def history(self, effect_id: str) -> list[Transition]:
@@ -267,10 +285,11 @@ def effect_from_columns(row: Mapping[str, Any], *, json_as_text: bool = False) -
     one mapping every database store uses. ``json_as_text``: the cursor hands jsonb over as
     text (Django's do, for its JSONField to parse), so parse ``result`` and ``error`` here."""
     completed_at = row["completed_at"]
-    result, error = row["result"], row["error"]
+    result, error, continuation = row["result"], row["error"], row["continuation"]
     if json_as_text:
         result = None if result is None else json.loads(result)
         error = None if error is None else json.loads(error)
+        continuation = None if continuation is None else json.loads(continuation)
     return Effect(
         id=str(row["id"]),
         idem_key=row["idem_key"],
@@ -287,6 +306,8 @@ def effect_from_columns(row: Mapping[str, Any], *, json_as_text: bool = False) -
         error=EffectError.from_dict(error),
         completed_at=None if completed_at is None else utc(completed_at),
         fence=row["fence"],
+        attempts=row["attempts"],
+        continuation=continuation,
     )
 
 

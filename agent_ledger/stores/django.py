@@ -1,25 +1,13 @@
 """``DjangoStore``: the store protocol on the Django ORM, for any database Django supports.
 
-Every protocol method ``x`` has a sync twin ``x_sync`` with the same arguments that holds the
-real ORM code: a transition is lock (``select_for_update()``), check, change, history row, in one
-``atomic()`` block. The sync service (admin, DRF, management commands) calls the twins on the
-request's own connection and transaction.
-
-The async methods run the twins on one bounded thread pool (``AGENT_LEDGER["ASYNC_THREADS"]``
-threads), each call wrapped in ``close_old_connections()`` as Django does around a request and
-django-tasks' worker around a task: ``CONN_MAX_AGE``, ``CONN_HEALTH_CHECKS`` and
-``OPTIONS["pool"]`` govern every connection, and with Django's default ``CONN_MAX_AGE = 0`` a
-connection lives for one call. Whatever event loops call in (one per ``asyncio.run``, per
-``async_to_sync``, per Celery task), a process holds at most that many connections, plus one
-LISTEN connection on PostgreSQL. The pool is per process; a forked child makes its own.
-
-On PostgreSQL, outside the caller's ``atomic()``, ``begin`` and ``commit`` are single statements
-(``postgres.BEGIN`` / ``postgres.COMMIT``) run through Django's own cursor: one round trip each,
-history row and NOTIFY included. Every other change sends its NOTIFY in its own transaction, so
-waiters in other processes (a worker waiting for the admin's approval) wake at once.
-
-Clocks: timestamps are the database's (``Now()``), and staleness is judged against ``Now()``
-read in the same locked query, so the clocks of many application servers do not matter.
+Every protocol method ``x`` has a sync twin ``x_sync`` holding the ORM code (a transition is
+lock with ``select_for_update()``, check, change, history row, in one ``atomic()``); the sync
+service (admin, DRF, commands) calls the twins on the request's own connection and transaction.
+The async methods run the twins on the process's bounded thread pool (``_process``), so Django's
+connection settings govern every connection. On PostgreSQL, outside the caller's ``atomic()``,
+``begin``, ``commit`` and ``release`` are single statements (``postgres.BEGIN``/``COMMIT``) run
+through Django's cursor; every change someone can wait for sends NOTIFY in its own transaction.
+Timestamps and staleness use the database clock (``Now()``), not the app servers' clocks.
 """
 
 from __future__ import annotations
@@ -44,10 +32,14 @@ from django.dispatch import Signal
 
 from .. import signals
 from ..conf import ledger_settings
-from ..errors import EffectLedgerValidationError, EffectNotFoundError, EffectStoreError
+from ..errors import (
+    EffectLedgerError,
+    EffectLedgerValidationError,
+    EffectNotFoundError,
+    EffectStoreError,
+)
 from ..models import Effect as EffectRow
-from ..models import EffectTombstone, EffectTransition
-from ..redaction import Redactor, settings_redactor
+from ..models import EffectTransition
 from ..types import (
     TERMINAL_STATUSES,
     Actor,
@@ -58,8 +50,9 @@ from ..types import (
     EffectStatus,
     Transition,
 )
+from ._django_data import DjangoDataMixin
 from ._process import close_connections, in_thread, listen, notifier
-from ._tombstones import purged
+from ._tombstones import purged, refuse_tombstoned
 from .base import (
     CHANNEL,
     BeginRecord,
@@ -90,7 +83,7 @@ _SIGNALS: dict[EffectStatus, Signal] = {
 }
 
 
-class DjangoStore:
+class DjangoStore(DjangoDataMixin):
     """Effects and their history in ``agent_ledger``'s tables on the ``using`` database."""
 
     def __init__(self, using: str | None = None) -> None:
@@ -103,11 +96,6 @@ class DjangoStore:
 
     def __repr__(self) -> str:
         return f"DjangoStore(using={self._using!r})"
-
-    @property
-    def redactor(self) -> Redactor | None:
-        """``AGENT_LEDGER["REDACT"]``: what every ledger on this store redacts by default."""
-        return settings_redactor()
 
     # -- the async protocol: each runs its sync twin on the store's threads --------------------
 
@@ -145,6 +133,19 @@ class DjangoStore:
             error=error,
         )
 
+    async def release(
+        self,
+        effect_id: str,
+        *,
+        fence: int,
+        actor: Actor,
+        reason: str,
+        error: EffectError | None = None,
+    ) -> Effect | None:
+        return await in_thread(
+            self.release_sync, effect_id, fence=fence, actor=actor, reason=reason, error=error
+        )
+
     async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
         return await in_thread(
             self.claim_sync, effect_id, stale_after_ms=stale_after_ms, actor=actor
@@ -159,21 +160,14 @@ class DjangoStore:
         listen(self.using)
         return await notifier.wait(effect_id, timeout_s, since)
 
-    # -- operator actions (``agent_ledger.operator``; ORM code in ``django_operator``) ---------
-
-    async def reopen(self, idem_key: str, *, actor: Actor, reason: str) -> TransitionRecord:
-        from .django_operator import reopen_sync
-
-        return await in_thread(reopen_sync, self.using, idem_key, actor=actor, reason=reason)
-
-    async def resolve(
-        self, idem_key: str, outcome: CommitOutcome, *, actor: Actor, reason: str
-    ) -> TransitionRecord:
-        from .django_operator import resolve_sync
-
-        return await in_thread(
-            resolve_sync, self.using, idem_key, outcome, actor=actor, reason=reason
-        )
+    def check_sync_caller(self) -> None:
+        """``run_sync`` in ``atomic()`` on SQLite: our writes would wait for the caller's lock."""
+        conn = connections[self.using]
+        if conn.vendor == "sqlite" and conn.in_atomic_block:
+            raise EffectLedgerError(
+                "run_sync inside transaction.atomic() cannot work on SQLite (one writer, and "
+                "your transaction holds it): call it outside the block, or use PostgreSQL"
+            )
 
     # -- sync twins: the ORM code ---------------------------------------------------------------
 
@@ -208,10 +202,12 @@ class DjangoStore:
                         status=new.status.value,
                         args_canonical=new.args_canonical,
                         resource_id_canonical=new.resource_id_canonical,
+                        attempts=1 if new.status is EffectStatus.PROCESSING else 0,
+                        continuation=new.continuation,
                     )
                     # After the insert, in a statement of its own: a prune that deleted this
                     # key's effect (we waited for it) committed its tombstone before that.
-                    _refuse_tombstoned(using, new.idem_key)
+                    refuse_tombstoned(using, new.idem_key)
             except IntegrityError as exc:
                 replayed = (
                     EffectRow.objects.using(using)
@@ -246,6 +242,42 @@ class DjangoStore:
     def commit_sync(
         self, effect_id: str, outcome: CommitOutcome, *, fence: int | None, actor: Actor
     ) -> Effect | None:
+        if isinstance(outcome, CommitSucceeded):
+            # A success after retried attempts clears their last error.
+            changes = {"status": EffectStatus.SUCCEEDED.value, "result": outcome.result}
+            changes["error"] = None
+        else:
+            changes = {"status": EffectStatus.FAILED.value, "error": outcome.error.to_dict()}
+        changes["completed_at"] = Now()
+        return self._owner_writes("commit", effect_id, fence, actor, outcome, changes)
+
+    def release_sync(
+        self,
+        effect_id: str,
+        *,
+        fence: int,
+        actor: Actor,
+        reason: str,
+        error: EffectError | None = None,
+    ) -> Effect | None:
+        changes = {"status": EffectStatus.READY.value, "error": error and error.to_dict()}
+        return self._owner_writes("release", effect_id, fence, actor, None, changes, error, reason)
+
+    def _owner_writes(
+        self,
+        operation: str,
+        effect_id: str,
+        fence: int | None,
+        actor: Actor,
+        outcome: CommitOutcome | None,
+        changes: dict[str, Any],
+        error: EffectError | None = None,
+        reason: str | None = None,
+    ) -> Effect | None:
+        """Commit or release: only the owner (``fence``) of a processing effect may. No lock
+        needed: the UPDATE's conditions are checked and applied in one statement (PostgreSQL
+        re-checks them on the row version it waited for), so an owner that lost its effect
+        to a takeover or a cancel changes nothing."""
         pk = parse_uuid(effect_id)
         if pk is None:
             return None
@@ -254,34 +286,25 @@ class DjangoStore:
         if _fast_path(using):
             from . import postgres as pg
 
-            params = pg.commit_params(pk, outcome, fence, pg.actor_params(actor, user_id))
-            with _store_errors("commit"):
+            actor_columns = pg.actor_params(actor, user_id)
+            params = pg.commit_params(pk, outcome, fence, actor_columns, error=error, reason=reason)
+            with _store_errors(operation):
                 row = _fetch(using, pg.COMMIT, params)
             if row is None:
                 return None
             effect = effect_from_columns(row, json_as_text=True)
             _announce(using, effect, EffectStatus.PROCESSING, actor)
             return effect
-        if isinstance(outcome, CommitSucceeded):
-            status, changes = EffectStatus.SUCCEEDED, {"result": outcome.result}
-        else:
-            status, changes = EffectStatus.FAILED, {"error": outcome.error.to_dict()}
-        with _store_errors("commit"), transaction.atomic(using=using):
-            # No lock needed: the UPDATE's own conditions (still processing, fence unchanged)
-            # are checked and applied in one statement (PostgreSQL re-checks them on the row
-            # version it waited for), so a commit that lost its effect to a takeover or a
-            # cancel changes nothing.
+        with _store_errors(operation), transaction.atomic(using=using):
             owned = EffectRow.objects.using(using).filter(
                 pk=pk, status=EffectStatus.PROCESSING.value
             )
             if fence is not None:
                 owned = owned.filter(fence=fence)
-            if not owned.update(
-                status=status.value, updated_at=Now(), completed_at=Now(), **changes
-            ):
+            if not owned.update(updated_at=Now(), **changes):
                 return None
             effect = _effect(EffectRow.objects.using(using).get(pk=pk))
-            _record(using, effect, EffectStatus.PROCESSING, actor, user_id, None)
+            _record(using, effect, EffectStatus.PROCESSING, actor, user_id, reason)
         return effect
 
     def transition_sync(
@@ -350,7 +373,10 @@ class DjangoStore:
                 EffectRow.objects.using(using)
                 .filter(pk=pk, status=current.status, fence=current.fence)
                 .update(
-                    status=EffectStatus.PROCESSING.value, fence=F("fence") + 1, updated_at=Now()
+                    status=EffectStatus.PROCESSING.value,
+                    fence=F("fence") + 1,
+                    attempts=F("attempts") + 1,
+                    updated_at=Now(),
                 )
             )
             if not taken:
@@ -405,8 +431,8 @@ def _record(
     user_id: Any,
     reason: str | None,
 ) -> None:
-    """In the caller's transaction: the history row, and on PostgreSQL the NOTIFY that
-    PostgreSQL delivers to other processes when it commits. Then announce it here."""
+    """In the caller's transaction: the history row and, on PostgreSQL, the NOTIFY delivered
+    to other processes when it commits; then announce it here."""
     EffectTransition.objects.using(using).record(
         effect_id=uuid.UUID(effect.id),
         from_status=from_status.value if from_status is not None else None,
@@ -442,13 +468,6 @@ def _send(signal: Signal, effect: Effect, actor: Actor) -> None:
                 effect.id,
                 exc_info=response,
             )
-
-
-def _refuse_tombstoned(using: str, idem_key: str) -> None:
-    """Raise ``EffectPurgedError`` (undoing the caller's savepoint) for a pruned key."""
-    tombstone = EffectTombstone.objects.using(using).filter(idem_key=idem_key).first()
-    if tombstone is not None:
-        raise purged(idem_key, {"status": tombstone.status})
 
 
 def _user_id(actor: Actor) -> Any:

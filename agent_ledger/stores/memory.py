@@ -73,7 +73,11 @@ class MemoryStore:
                 return None
             now = _now()
             if isinstance(outcome, CommitSucceeded):
-                changes = {"status": EffectStatus.SUCCEEDED, "result": outcome.result}
+                changes = {
+                    "status": EffectStatus.SUCCEEDED,
+                    "result": outcome.result,
+                    "error": None,
+                }
             else:
                 changes = {"status": EffectStatus.FAILED, "error": outcome.error}
             updated = dataclasses.replace(effect, updated_at=now, completed_at=now, **changes)
@@ -113,6 +117,29 @@ class MemoryStore:
         self._notifier.notify(effect_id, updated)
         return TransitionRecord(updated, changed=True)
 
+    async def release(
+        self,
+        effect_id: str,
+        *,
+        fence: int,
+        actor: Actor,
+        reason: str,
+        error: EffectError | None = None,
+    ) -> Effect | None:
+        with self._lock:
+            effect = self._by_id.get(effect_id)
+            if effect is None or effect.status is not EffectStatus.PROCESSING:
+                return None
+            if effect.fence != fence:
+                return None
+            released = dataclasses.replace(
+                effect, status=EffectStatus.READY, updated_at=_now(), error=error
+            )
+            self._by_id[effect_id] = released
+            self._record(released, effect.status, actor, reason)
+        self._notifier.notify(effect_id, released)
+        return released
+
     async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
         with self._lock:
             effect = self._by_id.get(effect_id)
@@ -121,7 +148,11 @@ class MemoryStore:
                 return None
             reason = "stale takeover" if effect.status is EffectStatus.PROCESSING else None
             claimed = dataclasses.replace(
-                effect, status=EffectStatus.PROCESSING, fence=effect.fence + 1, updated_at=now
+                effect,
+                status=EffectStatus.PROCESSING,
+                fence=effect.fence + 1,
+                attempts=effect.attempts + 1,
+                updated_at=now,
             )
             self._by_id[effect_id] = claimed
             self._record(claimed, effect.status, actor, reason)

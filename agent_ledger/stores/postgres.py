@@ -46,7 +46,7 @@ from ..types import (
 )
 from ._listen import Listener
 from ._postgres_operator import OperatorMixin
-from ._tombstones import NOT_TOMBSTONED, PURGED, purged
+from ._tombstones import NOT_TOMBSTONED, purged, purged_branch
 from .base import (
     CHANNEL,
     BeginRecord,
@@ -75,7 +75,8 @@ SCHEMA_SQL = (Path(__file__).parent / "schema.sql").read_text(encoding="utf-8")
 
 COLUMNS = (
     "id, idem_key, workflow_id, call_id, tool, status, args_canonical, resource_id_canonical, "
-    "result, error, dedup_count, fence, created_at, updated_at, completed_at"
+    "result, error, dedup_count, fence, created_at, updated_at, completed_at, attempts, "
+    "continuation"
 )
 
 #: The history row of whatever ``{source}`` returned. Casts: a parameter in a SELECT list has no
@@ -90,10 +91,10 @@ FROM {source}
 _NOTIFY = f"pg_notify('{CHANNEL}', id::text)::text"
 # NOTIFY serialises commits server-wide: changes nobody can wait for send none (``worth_waking``).
 _NOTIFY_CREATED = f"CASE WHEN status = 'requires_approval' THEN {_NOTIFY} END"
-_NOTIFY_COMMITTED = f"CASE WHEN dedup_count > 0 THEN {_NOTIFY} END"
+_NOTIFY_COMMITTED = f"CASE WHEN dedup_count > 0 OR status = 'ready' THEN {_NOTIFY} END"
 _CREATED = _HISTORY.format(from_status="NULL", at="created_at", reason="NULL", source="ins")
 _COMMITTED = _HISTORY.format(
-    from_status="'processing'", at="updated_at", reason="NULL", source="upd"
+    from_status="'processing'", at="updated_at", reason="%(reason)s::text", source="upd"
 )
 _CLAIMED = _HISTORY.format(
     from_status="from_status",
@@ -102,7 +103,7 @@ _CLAIMED = _HISTORY.format(
     source="upd",
 )
 _DECIDED = _HISTORY.format(
-    from_status="%(from_status)s::varchar", at="updated_at", reason="%(reason)s::text", source="upd"
+    from_status="from_status", at="updated_at", reason="%(reason)s::text", source="upd"
 )
 
 # Insert, or count a replay, in one statement. Under READ COMMITTED a row inserted by a
@@ -112,10 +113,13 @@ BEGIN = f"""
 WITH ins AS (
     INSERT INTO agent_ledger_effect
         (id, idem_key, workflow_id, call_id, tool, status, args_canonical,
-         resource_id_canonical, dedup_count, fence, created_at, updated_at)
+         resource_id_canonical, dedup_count, fence, created_at, updated_at, attempts,
+         continuation)
     SELECT %(id)s, %(idem_key)s::varchar, %(workflow_id)s, %(call_id)s, %(tool)s, %(status)s,
            %(args_canonical)s, %(resource_id_canonical)s, 0, 1,
-           statement_timestamp(), statement_timestamp() {NOT_TOMBSTONED}
+           statement_timestamp(), statement_timestamp(),
+           CASE WHEN %(status)s::varchar = 'processing' THEN 1 ELSE 0 END, %(continuation)s::jsonb
+    {NOT_TOMBSTONED}
     ON CONFLICT (idem_key) DO NOTHING
     RETURNING {COLUMNS}
 ), hist AS (
@@ -128,19 +132,21 @@ WITH ins AS (
 SELECT true AS created, {COLUMNS}, {_NOTIFY_CREATED} AS side FROM ins
 UNION ALL
 SELECT false, {COLUMNS}, set_config('synchronous_commit', 'off', true) FROM replay
-{PURGED}"""
+{purged_branch(COLUMNS)}"""
 
 #: ``BEGIN`` is run again while both branches come back empty (each run has a newer snapshot).
 BEGIN_ATTEMPTS = 10
 
-# No lock needed: the UPDATE's conditions (still processing, fence unchanged) are re-checked on
-# the newest row version if it waits for another writer, so a commit that lost its effect to a
-# takeover or a cancel changes nothing.
+# Commit (to succeeded or failed) or release (back to ready), by the owner. No lock needed: the
+# UPDATE's conditions (still processing, fence unchanged) are re-checked on the newest row
+# version if it waits for another writer, so an owner that lost its effect changes nothing.
 COMMIT = f"""
 WITH upd AS (
     UPDATE agent_ledger_effect
     SET status = %(status)s, result = %(result)s::jsonb, error = %(error)s::jsonb,
-        updated_at = statement_timestamp(), completed_at = statement_timestamp()
+        updated_at = statement_timestamp(),
+        completed_at = CASE WHEN %(status)s::varchar = 'ready' THEN NULL
+                            ELSE statement_timestamp() END
     WHERE id = %(id)s AND status = 'processing'
       AND (%(fence)s::integer IS NULL OR fence = %(fence)s::integer)
     RETURNING {COLUMNS}
@@ -158,7 +164,8 @@ WITH cur AS (
     SELECT id, status FROM agent_ledger_effect WHERE id = %(id)s FOR UPDATE
 ), upd AS (
     UPDATE agent_ledger_effect AS e
-    SET status = 'processing', fence = e.fence + 1, updated_at = statement_timestamp()
+    SET status = 'processing', fence = e.fence + 1, attempts = e.attempts + 1,
+        updated_at = statement_timestamp()
     FROM cur
     WHERE e.id = cur.id
       AND (e.status = 'ready'
@@ -172,20 +179,28 @@ WITH cur AS (
 SELECT {COLUMNS}, {_NOTIFY} AS side FROM upd
 """
 
-LOCK_BY_KEY = f"SELECT {COLUMNS} FROM agent_ledger_effect WHERE idem_key = %s FOR UPDATE"
-
+# A decision: lock, check, change, history, in one statement. ``cur`` locks the row and, under
+# READ COMMITTED, reads its newest version once the lock is ours: approve and deny racing cannot
+# both find it awaiting approval. Unchanged (not awaiting that decision): ``cur`` comes back as
+# is. No row at all: the key is unknown.
 TRANSITION = f"""
-WITH upd AS (
-    UPDATE agent_ledger_effect
+WITH cur AS (
+    SELECT {COLUMNS} FROM agent_ledger_effect WHERE idem_key = %(idem_key)s FOR UPDATE
+), upd AS (
+    UPDATE agent_ledger_effect AS e
     SET status = %(to_status)s, updated_at = statement_timestamp(),
-        error = coalesce(%(error)s::jsonb, error),
+        error = coalesce(%(error)s::jsonb, e.error),
         completed_at = CASE WHEN %(terminal)s THEN statement_timestamp() END
-    WHERE id = %(id)s
-    RETURNING {COLUMNS}
+    FROM cur
+    WHERE e.id = cur.id AND cur.status = ANY(%(from_statuses)s::varchar[])
+    RETURNING {", ".join(f"e.{column}" for column in COLUMNS.split(", "))},
+              cur.status AS from_status
 ), hist AS (
     {_DECIDED}
 )
-SELECT {COLUMNS}, {_NOTIFY} AS side FROM upd
+SELECT true AS changed, {COLUMNS}, {_NOTIFY} AS side FROM upd
+UNION ALL
+SELECT false, {COLUMNS}, NULL FROM cur WHERE NOT EXISTS (SELECT 1 FROM upd)
 """
 
 GET = f"SELECT {COLUMNS} FROM agent_ledger_effect WHERE id = %s"
@@ -203,27 +218,33 @@ _MAX_STALE = timedelta(days=36_500)  # longer would overflow timestamp arithmeti
 
 def begin_params(new: NewEffect, actor: Mapping[str, Any]) -> dict[str, Any]:
     fields = {field.name: getattr(new, field.name) for field in dataclasses.fields(new)}
-    return {**fields, "id": uuid.UUID(new.id), "status": EffectStatus(new.status).value, **actor}
+    continuation = None if new.continuation is None else json.dumps(new.continuation)
+    status = EffectStatus(new.status).value
+    return {**fields, "id": uuid.UUID(new.id), "status": status, "continuation": continuation,
+            **actor}  # fmt: skip
 
 
 def commit_params(
-    pk: uuid.UUID, outcome: CommitOutcome, fence: int | None, actor: Mapping[str, Any]
+    pk: uuid.UUID,
+    outcome: CommitOutcome | None,
+    fence: int | None,
+    actor: Mapping[str, Any],
+    *,
+    error: EffectError | None = None,
+    reason: str | None = None,
 ) -> dict[str, Any]:
-    """JSON goes as text with a ``::jsonb`` cast: the same on psycopg's and Django's cursors."""
+    """For ``COMMIT``: an outcome, or None to release (with the failed attempt's ``error``).
+    JSON goes as text with a ``::jsonb`` cast: the same on psycopg's and Django's cursors."""
+    status, result = EffectStatus.READY, None
     if isinstance(outcome, CommitSucceeded):
         # None is SQL NULL (as Django's JSONField stores it), not a JSON null.
         result = None if outcome.result is None else json.dumps(outcome.result)
-        status, error = EffectStatus.SUCCEEDED, None
-    else:
-        status, result, error = EffectStatus.FAILED, None, json.dumps(outcome.error.to_dict())
-    return {
-        "id": pk,
-        "status": status.value,
-        "result": result,
-        "error": error,
-        "fence": fence,
-        **actor,
-    }
+        status = EffectStatus.SUCCEEDED
+    elif outcome is not None:
+        status, error = EffectStatus.FAILED, outcome.error
+    error_json = None if error is None else json.dumps(error.to_dict())
+    return {"id": pk, "status": status.value, "result": result, "error": error_json,
+            "fence": fence, "reason": reason, **actor}  # fmt: skip
 
 
 def claim_params(
@@ -278,9 +299,10 @@ class PostgresStore(OperatorMixin):
 
     async def begin(self, new: NewEffect) -> BeginRecord:
         params = begin_params(new, _actor_params(new.actor))
-        row = await self._fetch("begin", BEGIN, params, attempts=BEGIN_ATTEMPTS)
-        if row is None:
+        rows = await self._fetch("begin", BEGIN, params, attempts=BEGIN_ATTEMPTS)
+        if not rows:
             raise vanished(new.idem_key)
+        row = rows[0]
         if row["created"] is None:
             raise purged(new.idem_key, row)
         effect = effect_from_columns(row)
@@ -295,7 +317,22 @@ class PostgresStore(OperatorMixin):
         if pk is None:
             return None
         params = commit_params(pk, outcome, fence, _actor_params(actor))
-        return await self._changed(await self._fetch("commit", COMMIT, params))
+        return await self._changed(await self._one("commit", COMMIT, params))
+
+    async def release(
+        self,
+        effect_id: str,
+        *,
+        fence: int,
+        actor: Actor,
+        reason: str,
+        error: EffectError | None = None,
+    ) -> Effect | None:
+        pk = parse_uuid(effect_id)
+        if pk is None:
+            return None
+        params = commit_params(pk, None, fence, _actor_params(actor), error=error, reason=reason)
+        return await self._changed(await self._one("release", COMMIT, params))
 
     async def claim(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
         pk = parse_uuid(effect_id)
@@ -304,13 +341,11 @@ class PostgresStore(OperatorMixin):
         requested = time.monotonic()
         actor_columns = _actor_params(actor)
 
-        async def step() -> dict[str, Any] | None:
-            async with self._connection("claim") as conn:
-                waited = time.monotonic() - requested
-                params = claim_params(pk, stale_after_ms, waited, actor_columns)
-                return await _fetchone(conn, CLAIM, params)
+        def params() -> dict[str, Any]:
+            waited = time.monotonic() - requested
+            return claim_params(pk, stale_after_ms, waited, actor_columns)
 
-        return await self._changed(await self._on_pool_loop(step()))
+        return await self._changed(await self._one("claim", CLAIM, params))
 
     async def transition(
         self,
@@ -322,48 +357,33 @@ class PostgresStore(OperatorMixin):
         reason: str | None = None,
         error: EffectError | None = None,
     ) -> TransitionRecord:
-        allowed = {EffectStatus(status) for status in from_statuses}
         to_status = EffectStatus(to_status)
-        actor_columns = _actor_params(actor)
-
-        async def step() -> TransitionRecord:
-            async with self._connection("transition") as conn, conn.transaction():
-                # Lock the row for the whole check-then-write: without it, approve and deny
-                # racing could both read requires_approval and both write a decision.
-                row = await _fetchone(conn, LOCK_BY_KEY, (idem_key,))
-                if row is None:
-                    raise EffectNotFoundError(idem_key)
-                current = effect_from_columns(row)
-                if current.status not in allowed:
-                    return TransitionRecord(current, changed=False)
-                params = {
-                    "id": uuid.UUID(current.id),
-                    "to_status": to_status.value,
-                    "error": None if error is None else json.dumps(error.to_dict()),
-                    "terminal": to_status in TERMINAL_STATUSES,
-                    "from_status": current.status.value,
-                    "reason": reason,
-                    **actor_columns,
-                }
-                row = await _fetchone(conn, TRANSITION, params)
-            if row is None:  # pragma: no cover - the row is locked and was just read
-                raise EffectStoreError("locked row vanished", operation="transition")
-            return TransitionRecord(effect_from_columns(row), changed=True)
-
-        record = await self._on_pool_loop(step())
-        if record.changed:
-            self._notifier.notify(record.effect.id, record.effect)
-        return record
+        params = {
+            "idem_key": idem_key,
+            "to_status": to_status.value,
+            "from_statuses": [EffectStatus(status).value for status in from_statuses],
+            "error": None if error is None else json.dumps(error.to_dict()),
+            "terminal": to_status in TERMINAL_STATUSES,
+            "reason": reason,
+            **_actor_params(actor),
+        }
+        row = await self._one("transition", TRANSITION, params)
+        if row is None:
+            raise EffectNotFoundError(idem_key)
+        effect = effect_from_columns(row)
+        if row["changed"]:
+            self._notifier.notify(effect.id, effect)
+        return TransitionRecord(effect, changed=row["changed"])
 
     async def get(self, effect_id: str) -> Effect | None:
         pk = parse_uuid(effect_id)
         if pk is None:
             return None
-        row = await self._fetch("get", GET, (pk,))
+        row = await self._one("get", GET, (pk,))
         return None if row is None else effect_from_columns(row)
 
     async def get_by_idem_key(self, idem_key: str) -> Effect | None:
-        row = await self._fetch("get_by_idem_key", GET_BY_KEY, (idem_key,))
+        row = await self._one("get_by_idem_key", GET_BY_KEY, (idem_key,))
         return None if row is None else effect_from_columns(row)
 
     async def history(self, effect_id: str) -> list[Transition]:
@@ -371,13 +391,8 @@ class PostgresStore(OperatorMixin):
         if pk is None:
             return []
 
-        async def step() -> list[dict[str, Any]]:
-            async with self._connection("history") as conn:
-                cursor = conn.cursor(row_factory=dict_row)
-                await cursor.execute(HISTORY_OF, (pk,))
-                return await cursor.fetchall()
-
-        return [transition_from_columns(row) for row in await self._on_pool_loop(step())]
+        rows = await self._fetch("history", HISTORY_OF, (pk,))
+        return [transition_from_columns(row) for row in rows]
 
     async def wait_for_change(
         self, effect_id: str, timeout_s: float, since: float
@@ -397,23 +412,26 @@ class PostgresStore(OperatorMixin):
     # -- plumbing ------------------------------------------------------------------------------
 
     async def _fetch(
-        self,
-        operation: str,
-        query: str,
-        params: Mapping[str, Any] | tuple[Any, ...],
-        attempts: int = 1,
-    ) -> dict[str, Any] | None:
-        """One statement's first row; ``attempts``: run it again while it returns none."""
+        self, operation: str, query: str, params: Any, attempts: int = 1
+    ) -> list[dict[str, Any]]:
+        """A statement's rows; ``attempts``: run it again while it returns none. ``params`` may
+        be a callable, called once a connection is ours (``claim`` counts the wait for it)."""
 
-        async def step() -> dict[str, Any] | None:
-            row = None
+        async def step() -> list[dict[str, Any]]:
             async with self._connection(operation) as conn:
+                params_now = params() if callable(params) else params
                 for _ in range(attempts):
-                    if (row := await _fetchone(conn, query, params)) is not None:
-                        break
-            return row
+                    cursor = conn.cursor(row_factory=dict_row)
+                    await cursor.execute(query, params_now, binary=True)
+                    if rows := await cursor.fetchall():
+                        return rows
+            return []
 
         return await self._on_pool_loop(step())
+
+    async def _one(self, operation: str, query: str, params: Any) -> dict[str, Any] | None:
+        rows = await self._fetch(operation, query, params)
+        return rows[0] if rows else None
 
     async def _changed(self, row: dict[str, Any] | None) -> Effect | None:
         """Wake this process's waiters with the new state at once (other processes hear the
@@ -426,15 +444,9 @@ class PostgresStore(OperatorMixin):
 
     @asynccontextmanager
     async def _connection(self, operation: str) -> AsyncIterator[AsyncConnection[Any]]:
-        """A pooled connection in autocommit mode; the driver's failures become
-        ``EffectStoreError``.
-
-        Autocommit: a single-statement step commits on the server as it runs, instead of
-        holding its row locks while a separate COMMIT travels. The pool's own setting is put
-        back afterwards. A connection whose step failed (but for bad data) is closed, so the
-        pool replaces it instead of handing out a connection that is broken, read-only, or
-        from a server that was shutting down.
-        """
+        """A pooled connection in autocommit (a statement commits as it runs, no COMMIT round
+        trip; the pool's setting is put back). One whose step failed but for bad data is closed,
+        so the pool replaces it: never a broken, read-only or shutting-down server's again."""
         try:
             async with self._pool.connection() as conn:
                 restore = not conn.autocommit
@@ -453,12 +465,8 @@ class PostgresStore(OperatorMixin):
             raise EffectStoreError(f"{type(exc).__name__}: {exc}", operation=operation) from exc
 
     async def _on_pool_loop(self, step: Coroutine[Any, Any, _T]) -> _T:
-        """Await ``step`` here, or on the pool's loop when called from another thread's loop.
-
-        An asyncio pool is bound to the loop it was opened on (its conditions and futures wake
-        only that loop), so a caller on another loop (a thread with its own ``asyncio.run``)
-        hands the step over; the pool's loop must be running, not blocked waiting for it.
-        """
+        """Await ``step`` here, or on the pool's loop when called from another thread's loop:
+        an asyncio pool is bound to the loop it was opened on, which must keep running."""
         loop = asyncio.get_running_loop()
         home = self._loop
         if home is None:
@@ -480,14 +488,6 @@ class PostgresStore(OperatorMixin):
             raise EffectStoreError("the pool's conninfo is dynamic; waiting by polling only")
         kwargs = {key: value for key, value in kwargs.items() if key != "autocommit"}
         return psycopg.connect(conninfo, autocommit=True, **kwargs)
-
-
-async def _fetchone(
-    conn: AsyncConnection[Any], query: str, params: Mapping[str, Any] | tuple[Any, ...]
-) -> dict[str, Any] | None:
-    cursor = conn.cursor(row_factory=dict_row)
-    await cursor.execute(query, params, binary=True)
-    return await cursor.fetchone()
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

@@ -31,22 +31,40 @@ CALLERS = 40
 
 
 class Slow:
-    """A handler that holds the effect long enough for every other caller to arrive."""
+    """A handler that holds the effect until all ``others`` callers have arrived (each counted
+    itself on the effect with its ``begin``), so every one of them really waits for it."""
 
-    def __init__(self, result: Any = None, error: Exception | None = None) -> None:
+    def __init__(
+        self,
+        ledger: EffectLedger,
+        others: int,
+        result: Any = None,
+        error: Exception | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.others = others
         self.calls = Calls(result=result, error=error)
 
+    async def _all_arrived(self, effect: Effect) -> None:
+        deadline = time.monotonic() + 60  # a hang guard, not a timing assumption
+        while time.monotonic() < deadline:
+            current = await self.ledger.get_effect(effect.id)
+            if current is not None and current.dedup_count >= self.others:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError(f"only some of {self.others} other callers arrived")
+
     async def async_handler(self, effect: Effect) -> Any:
-        await asyncio.sleep(0.1)
+        await self._all_arrived(effect)
         return await self.calls.async_handler(effect)
 
     def sync_handler(self, effect: Effect) -> Any:
-        time.sleep(0.1)
+        asyncio.run(self._all_arrived(effect))
         return self.calls.sync_handler(effect)
 
 
 async def test_concurrent_callers_share_one_handler_call(ledger: EffectLedger) -> None:
-    slow = Slow(result={"id": "msg-1"})
+    slow = Slow(ledger, CALLERS - 1, result={"id": "msg-1"})
     call = make_call()
 
     results = await asyncio.gather(
@@ -71,7 +89,7 @@ class Boom(Exception):
 
 async def test_concurrent_callers_share_one_failure(ledger: EffectLedger) -> None:
     error = Boom("exploded")
-    slow = Slow(error=error)
+    slow = Slow(ledger, CALLERS - 1, error=error)
     call = make_call()
 
     outcomes = await asyncio.gather(
@@ -141,10 +159,10 @@ async def test_concurrent_callers_of_different_keys_each_run_once(ledger: Effect
 async def test_threads_with_their_own_loops_share_one_handler_call(
     ledger: EffectLedger, kind: str
 ) -> None:
-    slow = Slow(result={"id": "msg-1"})
+    threads, per_thread = 4, 8
+    slow = Slow(ledger, threads * per_thread - 1, result={"id": "msg-1"})
     handler = slow.async_handler if kind == "async" else slow.sync_handler
     call = make_call()
-    threads, per_thread = 4, 8
 
     async def caller(_: int) -> list[Any]:
         return await asyncio.gather(
@@ -162,9 +180,9 @@ async def test_threads_with_their_own_loops_share_one_handler_call(
 
 async def test_threads_with_their_own_loops_share_one_failure(ledger: EffectLedger) -> None:
     error = Boom("exploded")
-    slow = Slow(error=error)
-    call = make_call()
     threads, per_thread = 4, 5
+    slow = Slow(ledger, threads * per_thread - 1, error=error)
+    call = make_call()
 
     async def caller(_: int) -> list[Any]:
         return await asyncio.gather(

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from psycopg.conninfo import make_conninfo
 from psycopg_pool import AsyncConnectionPool
 
 from agent_ledger.stores.postgres import SCHEMA_SQL, PostgresStore
@@ -109,3 +110,67 @@ async def schema_pool(
         yield pool
     finally:
         await pool.close()
+
+
+# -- login roles of their own (for faults that change a role's settings) -------------------------
+
+
+async def create_login_role(schema: str, *, prefix: str = "faults") -> str:
+    """A new login role (``<prefix>_<hex>``) that may use and change ``schema``'s tables.
+
+    Settings a test changes for this role (``ALTER ROLE CURRENT_USER SET ...``, which any role
+    may do for itself) reach only its own new sessions, never other test runs sharing the
+    server. Trust auth: the role needs no password. Drop it with ``drop_login_role``.
+    """
+    role = f"{prefix}_{secrets.token_hex(6)}"
+    ident, where = sql.Identifier(role), sql.Identifier(schema)
+    async with await connect() as conn:
+        await conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(ident))
+        await conn.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(where, ident))
+        await conn.execute(
+            sql.SQL("GRANT ALL ON ALL TABLES IN SCHEMA {} TO {}").format(where, ident)
+        )
+        await conn.execute(
+            sql.SQL("GRANT ALL ON ALL SEQUENCES IN SCHEMA {} TO {}").format(where, ident)
+        )
+    return role
+
+
+def role_conninfo(role: str, conninfo: str = POSTGRES_URL) -> str:
+    """``conninfo`` logging in as ``role`` instead."""
+    return make_conninfo(conninfo, user=role)
+
+
+def _drop_role_statements(role: str) -> list[sql.Composable]:
+    ident = sql.Identifier(role)
+    return [
+        # Its sessions first (a test that failed half-way may have left some).
+        sql.SQL("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = {}").format(
+            sql.Literal(role)
+        ),
+        sql.SQL("DROP OWNED BY {}").format(ident),
+        sql.SQL("DROP ROLE {}").format(ident),
+    ]
+
+
+async def drop_login_role(role: str) -> None:
+    async with await connect() as conn:
+        for statement in _drop_role_statements(role):
+            await conn.execute(statement)
+
+
+def drop_login_role_sync(role: str) -> None:
+    with psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        for statement in _drop_role_statements(role):
+            conn.execute(statement)
+
+
+@asynccontextmanager
+async def login_role(schema: str, *, prefix: str = "faults") -> AsyncIterator[str]:
+    """A login role of its own on ``schema`` (see ``create_login_role``): its conninfo,
+    dropped afterwards."""
+    role = await create_login_role(schema, prefix=prefix)
+    try:
+        yield role_conninfo(role)
+    finally:
+        await drop_login_role(role)

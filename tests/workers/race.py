@@ -5,6 +5,9 @@ counts itself in ``handler_runs``, sleeps ``--sleep-ms`` (so the others really f
 and returns who ran it. With ``--barrier`` each round starts when the test releases it. Prints one
 JSON line: per round, what every coroutine got back. ``--sleep-ms`` huge makes the "owner that
 hangs" of the kill test; it announces itself through its ``handler_runs`` row.
+
+``--replay-forever`` instead runs ``f"{prefix}-0"`` once, then replays it until killed,
+printing ``replayed <n>`` once the n-th replay has returned (the SIGKILL test of replay counts).
 """
 
 from __future__ import annotations
@@ -29,6 +32,21 @@ def call_for(prefix: str, step: int) -> ToolCall:
     return ToolCall(workflow_id=f"{prefix}-{step}", tool="race.count", args={"round": step})
 
 
+async def replay_forever(ledger: EffectLedger, call: ToolCall) -> None:
+    """Finish ``call``, then replay it one call after another until the process is killed."""
+
+    async def handler(effect: Any) -> Any:
+        return {"pid": os.getpid()}
+
+    first = await ledger.run(call, handler)
+    print("ready", flush=True)
+    replays = 0
+    while True:
+        assert await ledger.run(call, handler) == first
+        replays += 1
+        print(f"replayed {replays}", flush=True)
+
+
 async def main() -> None:
     p = parser(__doc__ or "")
     p.add_argument("--store", choices=["postgres", "django"], default="postgres")
@@ -39,6 +57,7 @@ async def main() -> None:
     p.add_argument("--sleep-ms", type=float, default=50)
     p.add_argument("--stale-ms", type=float, default=0)
     p.add_argument("--pool-size", type=int, default=4)
+    p.add_argument("--replay-forever", action="store_true")
     args = p.parse_args()
 
     run_options = RunOptions(
@@ -55,6 +74,8 @@ async def main() -> None:
         pool_size=args.pool_size,
     ) as store:
         ledger = EffectLedger(EffectLedgerOptions(store=store))
+        if args.replay_forever:
+            await replay_forever(ledger, call_for(args.prefix, 0))
         barrier = await connect(args.conninfo, args.schema) if args.barrier else None
         report: list[dict[str, Any]] = []
         for step in range(args.rounds):

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from agent_ledger import (
@@ -164,12 +165,21 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
+            "--webhook-secret",
+            action="store_true",
+            help="Print the webhook secret to sign demo requests with (its value), and stop.",
+        )
+        parser.add_argument(
             "--reset",
             action="store_true",
             help="Delete the demo workflows' effects (and history) first, for a fresh start.",
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["webhook_secret"]:
+            # The value, not the name: the name only labels the actor (webhook:demo).
+            self.stdout.write(settings.AGENT_LEDGER["WEBHOOK_SECRETS"]["demo"])
+            return
         if options["reset"]:
             deleted, _ = Effect.objects.filter(workflow_id__in=DEMO_WORKFLOWS).delete()
             self.stdout.write(f"Deleted {deleted} demo rows.")

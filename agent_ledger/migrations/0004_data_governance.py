@@ -6,7 +6,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("agent_ledger", "0001_initial"),
+        ("agent_ledger", "0003_attempts_continuation"),
     ]
 
     operations = [
@@ -21,11 +21,11 @@ class Migration(migrations.Migration):
                     "status",
                     models.CharField(
                         choices=[
-                            ("processing", "processing"),
+                            ("processing", "running"),
                             ("succeeded", "succeeded"),
                             ("failed", "failed"),
-                            ("requires_approval", "requires approval"),
-                            ("ready", "ready"),
+                            ("requires_approval", "awaiting approval"),
+                            ("ready", "approved, runs when the agent calls again"),
                             ("denied", "denied"),
                             ("canceled", "canceled"),
                         ],

@@ -1,0 +1,18 @@
+"""A JSON parser that answers hostile nesting with 400 instead of a ``RecursionError`` (500)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rest_framework.exceptions import ParseError
+from rest_framework.parsers import JSONParser
+
+
+class SafeJSONParser(JSONParser):
+    """DRF's ``JSONParser``; a body nested deeper than Python's recursion limit is a 400."""
+
+    def parse(self, stream: Any, media_type: Any = None, parser_context: Any = None) -> Any:
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise ParseError("JSON parse error - nested too deeply.") from None
