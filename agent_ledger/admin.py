@@ -3,8 +3,10 @@
 Nobody edits an effect here. The only writes are approve and deny (and the operator actions of
 ``admin_operator``: retry, resolve), which are POST-only views
 (and bulk actions) that check ``agent_ledger.approve_effect`` and go through
-``agent_ledger.services`` so the history row names the user. The changelist is built to stay
-fast on a large table: no full ``COUNT(*)``, no facet counts, no full-table ``DISTINCT``.
+``agent_ledger.services`` so the history row names the user, and "Retry resume" (the same
+permission: whoever may decide may push a decision's resumption through again). The changelist
+is built to stay fast on a large table: no full ``COUNT(*)``, no facet counts, no full-table
+``DISTINCT``.
 """
 
 from __future__ import annotations
@@ -41,13 +43,16 @@ from django.utils.translation import gettext_lazy as _
 from django.utils.translation import ngettext
 from django.views.decorators.http import require_POST
 
-from . import services
+from . import resume, services
 from .admin_operator import OperatorAdminMixin
 from .errors import EffectLedgerValidationError, EffectNotFoundError
 from .models import (
+    RESUMING_LABEL,
     Effect,
     EffectStatus,
     EffectTransition,
+    Resumption,
+    ResumptionStatus,
     effect_timing,
     last_decision,
     status_label,
@@ -60,6 +65,8 @@ JSON_DISPLAY_LIMIT = 50_000
 SUMMARY_LENGTH = 80
 #: Effects named one by one in a bulk action's "already decided" messages.
 NAMED_IN_MESSAGES = 10
+#: Resumptions an operator may retry: waiting for their backoff, or out of attempts.
+RETRYABLE = (ResumptionStatus.PENDING, ResumptionStatus.FAILED)
 
 
 _IDEM_KEY = re.compile(r"[0-9a-fA-F]{64}")
@@ -280,9 +287,10 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
         return request.user.has_perm(f"{opts.app_label}.approve_{opts.model_name}")
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Effect]:
-        # The history rows give each row's run time and human wait: one query per page.
+        # The history rows give each row's run time and human wait: one query per page; the
+        # resuming flag ("approved, resuming") is a subquery on the same one.
         queryset: QuerySet[Effect] = super().get_queryset(request)
-        return queryset.with_history()  # type: ignore[attr-defined,no-any-return]
+        return queryset.with_history().with_resuming()  # type: ignore[attr-defined,no-any-return]
 
     # -- the list: only its own filters, the queue oldest first --------------------------------
 
@@ -330,7 +338,7 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
 
     @admin.display(description=_("status"), ordering="status")
     def status_badge(self, obj: Effect) -> str:
-        return status_badge(obj.status)
+        return status_badge(obj.status, obj.shown_status())
 
     @admin.display(description=_("arguments"))
     def args_summary(self, obj: Effect) -> str:
@@ -388,6 +396,12 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
                 self.admin_site.admin_view(self.deny_view),
                 name="{}_{}_deny".format(*info),
             ),
+            path(
+                "<path:object_id>/resumptions/<int:resumption_id>/retry/",
+                self.admin_site.admin_view(self.retry_resume_view),
+                name="{}_{}_retry_resume".format(*info),
+            ),
+            # After the line above: "<path:object_id>/retry/" would swallow it.
             *self.operator_urls(),
             *super().get_urls(),
         ]
@@ -430,8 +444,52 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
             context["next_step"] = {
                 "by": decision.actor_display if decision else "-",
                 "at": format_when(decision.at) if decision else "-",
+                "resuming": effect.shown_status() == str(RESUMING_LABEL),
             }
+        context["resumptions"] = [
+            {
+                "row": row,
+                "status": row.get_status_display(),
+                "updated": format_when(row.updated_at),
+                "next_try": format_when(row.run_after)
+                if row.status == ResumptionStatus.PENDING
+                else "-",
+                "retryable": row.status in RETRYABLE,
+            }
+            for row in Resumption.objects.filter(effect_id=effect.pk).order_by("created_at", "id")
+        ]
         return context
+
+    @method_decorator(require_POST)
+    def retry_resume_view(
+        self, request: HttpRequest, object_id: str, resumption_id: int
+    ) -> HttpResponse:
+        """Make a pending or failed resumption of this effect run now (one more attempt)."""
+        if not self.has_approve_permission(request):
+            raise PermissionDenied
+        effect = self.get_object(request, unquote(object_id))
+        if effect is None:
+            raise Http404(_("No effect with that id."))
+        if not Resumption.objects.filter(pk=resumption_id, effect_id=effect.pk).exists():
+            raise Http404(_("No such resumption of this effect."))
+        if resume.retry(resumption_id):
+            self.log_change(request, effect, _("Retried resume"))
+            row = Resumption.objects.get(pk=resumption_id)
+            self.message_user(
+                request,
+                _("Resume retried; it is now %s.") % row.get_status_display(),
+                messages.SUCCESS,
+            )
+        else:
+            self.message_user(
+                request, _("That resumption is running or done: nothing to retry."), messages.INFO
+            )
+        return HttpResponseRedirect(
+            reverse(
+                f"{self.admin_site.name}:{self.opts.app_label}_{self.opts.model_name}_change",
+                args=(quote(effect.pk),),
+            )
+        )
 
     # -- approve / deny views ----------------------------------------------------------------
 
@@ -470,9 +528,11 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
             return here
         if outcome.changed:
             done = _("Approved") if decision == "approve" else _("Denied")
+            # Read again: an approval with a resumer reads "approved, resuming" until it ran.
+            now = Effect.objects.get(pk=effect.pk).shown_status()
             self.message_user(
                 request,
-                f"{done} {effect.tool} in {effect.workflow_id}; it is now {outcome.status_label}.",
+                f"{done} {effect.tool} in {effect.workflow_id}; it is now {now}.",
                 messages.SUCCESS,
             )
         else:
@@ -588,6 +648,103 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
             )
 
 
+@admin.register(Resumption)
+class ResumptionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+    """Every decision's resumption, newest first: read-only, with "Retry" for the stuck ones."""
+
+    list_display = (
+        "created",
+        "effect_link",
+        "decision",
+        "resumer",
+        "status",
+        "attempts",
+        "error_summary",
+        "next_try",
+    )
+    list_display_links = ("created",)
+    list_filter = ("status", "decision")
+    search_fields = ("=resumer",)
+    list_select_related = ("effect",)
+    sortable_by = ("created",)
+    show_full_result_count = False
+    paginator = CappedCountPaginator
+    list_per_page = 50
+    actions = ("retry_selected",)
+    fields = (
+        "effect_link",
+        "decision",
+        "resumer",
+        "status",
+        "attempts",
+        "last_error",
+        "next_try",
+        "created",
+        "updated",
+    )
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_retry_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """The decision's permission: retrying a resume pushes a decision through again."""
+        return request.user.has_perm(f"{Effect._meta.app_label}.approve_effect")
+
+    @admin.display(description=_("created"), ordering="created_at")
+    def created(self, obj: Resumption) -> str:
+        return format_when(obj.created_at)
+
+    @admin.display(description=_("updated"))
+    def updated(self, obj: Resumption) -> str:
+        return format_when(obj.updated_at)
+
+    @admin.display(description=_("effect"))
+    def effect_link(self, obj: Resumption) -> str:
+        url = reverse(
+            f"{self.admin_site.name}:agent_ledger_effect_change", args=(quote(obj.effect_id),)
+        )
+        return format_html(
+            '<a href="{}">{}</a>', url, f"{obj.effect.tool} in {obj.effect.workflow_id}"
+        )
+
+    @admin.display(description=_("last error"))
+    def error_summary(self, obj: Resumption) -> str:
+        return summarize(obj.last_error) if obj.last_error else "-"
+
+    @admin.display(description=_("next try"))
+    def next_try(self, obj: Resumption) -> str:
+        return format_when(obj.run_after) if obj.status == ResumptionStatus.PENDING else "-"
+
+    @admin.action(permissions=["retry"], description=_("Retry selected resumptions now"))
+    def retry_selected(self, request: HttpRequest, queryset: QuerySet[Resumption]) -> None:
+        retried = sum(resume.retry(pk) for pk in queryset.values_list("pk", flat=True))
+        skipped = queryset.count() - retried
+        if retried:
+            self.message_user(
+                request,
+                ngettext("Retried %d resumption.", "Retried %d resumptions.", retried) % retried,
+                messages.SUCCESS,
+            )
+        if skipped:
+            self.message_user(
+                request,
+                ngettext(
+                    "%d resumption was running or done and was left alone.",
+                    "%d resumptions were running or done and were left alone.",
+                    skipped,
+                )
+                % skipped,
+                messages.WARNING,
+            )
+
+
 @dataclasses.dataclass(frozen=True)
 class Outcome:
     """What one decision did: whether it changed the effect, and its status afterwards."""
@@ -621,11 +778,11 @@ def already_decided(effect: Effect, outcome: Outcome) -> str:
     return text + (_("; it is now %s.") % now)
 
 
-def status_badge(status: str) -> str:
+def status_badge(status: str, label: str | None = None) -> str:
     return format_html(
         '<span class="agent-ledger-badge agent-ledger-badge--{}">{}</span>',
         status,
-        status_label(status),
+        status_label(status) if label is None else label,
     )
 
 

@@ -4,17 +4,19 @@ Ids are ``agent_ledger.E001``... (errors) and ``agent_ledger.W001``... (warnings
 Retired: E009 (``PREPARE_STATEMENTS``) and E010 (``REPLAY_COUNT_DELAY_SECONDS``).
 Data governance (``check_data_settings``): E011 ``REDACT``, E012 its ``function``, E013
 ``KEY_LIFETIME``.
+E020..E029 are the resume settings' (``agent_ledger.resume``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Mapping
 from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Warning, register
 
-from .conf import DEFAULTS, MIN_WEBHOOK_SECRET_LENGTH, RETIRED
+from .conf import DEFAULTS, MIN_WEBHOOK_SECRET_LENGTH, RESUME_BACKENDS, RETIRED
 from .errors import EffectLedgerValidationError
 
 
@@ -102,7 +104,82 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
         )
     if database in settings.DATABASES:
         errors.extend(_check_sqlite(database, settings.DATABASES[database]))
+    errors.extend(_check_resume(value))
     return errors
+
+
+def _check_resume(value: Mapping[str, Any]) -> list[CheckMessage]:
+    """The task engine that runs resumers, and how often and how late they are retried."""
+    errors: list[CheckMessage] = []
+    backend = value.get("RESUME_BACKEND", DEFAULTS["RESUME_BACKEND"])
+    if backend not in RESUME_BACKENDS:
+        errors.append(
+            Error(
+                f"AGENT_LEDGER['RESUME_BACKEND'] is {backend!r}.",
+                hint=f"Use one of: {', '.join(repr(name) for name in RESUME_BACKENDS)}.",
+                id="agent_ledger.E020",
+            )
+        )
+    elif not _engine_installed(backend):
+        errors.append(
+            Error(
+                f"AGENT_LEDGER['RESUME_BACKEND'] is {backend!r}, but its engine is not installed.",
+                hint=f"It needs {RESUME_BACKENDS[backend]}; pip install "
+                f"'django-agent-ledger[{'tasks' if backend == 'django_tasks' else 'celery'}]'.",
+                id="agent_ledger.E021",
+            )
+        )
+    attempts = value.get("RESUME_MAX_ATTEMPTS", DEFAULTS["RESUME_MAX_ATTEMPTS"])
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        errors.append(
+            Error(
+                "AGENT_LEDGER['RESUME_MAX_ATTEMPTS'] must be a positive int.",
+                hint=f"Got {attempts!r}; the default is {DEFAULTS['RESUME_MAX_ATTEMPTS']}.",
+                id="agent_ledger.E022",
+            )
+        )
+    delay = value.get("RESUME_RETRY_DELAY_SECONDS", DEFAULTS["RESUME_RETRY_DELAY_SECONDS"])
+    cap = value.get("RESUME_RETRY_MAX_DELAY_SECONDS", DEFAULTS["RESUME_RETRY_MAX_DELAY_SECONDS"])
+    if not (_seconds(delay, zero=True) and _seconds(cap, zero=True) and delay <= cap):
+        errors.append(
+            Error(
+                "AGENT_LEDGER['RESUME_RETRY_DELAY_SECONDS'] and "
+                "['RESUME_RETRY_MAX_DELAY_SECONDS'] must be numbers >= 0, the first no larger.",
+                hint=f"Got {delay!r} and {cap!r}; the defaults are 10 and 3600.",
+                id="agent_ledger.E023",
+            )
+        )
+    stale = value.get("RESUME_STALE_SECONDS", DEFAULTS["RESUME_STALE_SECONDS"])
+    if not _seconds(stale, zero=False):
+        errors.append(
+            Error(
+                "AGENT_LEDGER['RESUME_STALE_SECONDS'] must be a positive number.",
+                hint=f"Got {stale!r}; the default is 600. Make it longer than a resumer runs.",
+                id="agent_ledger.E024",
+            )
+        )
+    return errors
+
+
+def _engine_installed(backend: str) -> bool:
+    if backend == "django_tasks":
+        return any(_importable(name) for name in ("django.tasks", "django_tasks"))
+    if backend == "celery":
+        return _importable("celery")
+    return True
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:  # a parent package is missing
+        return False
+
+
+def _seconds(value: Any, *, zero: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return value >= 0 if zero else value > 0
 
 
 def _check_sqlite(alias: str, config: Mapping[str, Any]) -> list[CheckMessage]:

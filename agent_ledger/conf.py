@@ -13,6 +13,14 @@ Defaults (every key is optional)::
         "REDACT": None,                     # what to redact before storage (agent_ledger.redaction)
         "KEY_LIFETIME": None,               # how long a pruned key stays closed, e.g. "365d";
                                             # None: forever (agent_ledger.retention)
+        "RESUME_BACKEND": "inline",         # how resumers run after a decision commits:
+                                            # "inline" (in the deciding thread, for development),
+                                            # "django_tasks" or "celery" (agent_ledger.tasks)
+        "RESUME_MAX_ATTEMPTS": 5,           # a resumer failing this often is left "failed"
+        "RESUME_RETRY_DELAY_SECONDS": 10,   # backoff after the first failure, doubling each time
+        "RESUME_RETRY_MAX_DELAY_SECONDS": 3600,  # ... up to this
+        "RESUME_STALE_SECONDS": 600,        # a resumption "running" this long lost its worker;
+                                            # the sweep makes it pending again
     }
 
 Retired keys (refused by check E002 with a hint, never reused): ``PREPARE_STATEMENTS`` and
@@ -36,6 +44,18 @@ DEFAULTS: dict[str, Any] = {
     "ASYNC_THREADS": 16,
     "REDACT": None,
     "KEY_LIFETIME": None,
+    "RESUME_BACKEND": "inline",
+    "RESUME_MAX_ATTEMPTS": 5,
+    "RESUME_RETRY_DELAY_SECONDS": 10,
+    "RESUME_RETRY_MAX_DELAY_SECONDS": 3600,
+    "RESUME_STALE_SECONDS": 600,
+}
+
+#: ``RESUME_BACKEND`` values, and the module each needs (None: none).
+RESUME_BACKENDS: dict[str, str | None] = {
+    "inline": None,
+    "django_tasks": "django.tasks (Django 6) or django_tasks (pip install django-tasks)",
+    "celery": "celery",
 }
 
 #: Keys that once existed, with why they went (the check ids that validated them are retired).

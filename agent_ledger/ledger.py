@@ -39,6 +39,7 @@ from .redaction import Redactor
 from .stores.base import EffectStore, NewEffect
 from .types import (
     DEFAULT_MAX_ARGS_SIZE_BYTES,
+    MAX_NAME_LENGTH,
     SYSTEM,
     Actor,
     BeginResult,
@@ -452,6 +453,11 @@ class EffectLedger:
             )
         if not value["resumer"].strip():
             raise EffectLedgerValidationError("must name a resumer", field="continuation.resumer")
+        if len(value["resumer"]) > MAX_NAME_LENGTH:
+            # The resumption row's column: a decision must never fail on a name it cannot store.
+            raise EffectLedgerValidationError(
+                f"must be at most {MAX_NAME_LENGTH} characters", field="continuation.resumer"
+            )
         copy = _json_copy(value, "continuation")
         size = len(keys.canonical_json(copy, "continuation").encode())
         if size > self._options.max_args_size_bytes:

@@ -91,6 +91,11 @@ class EffectQuerySet(models.QuerySet["Effect"]):
             qs = qs.filter(created_at__lt=end)
         return qs
 
+    def with_resuming(self) -> EffectQuerySet:
+        """Annotate ``resuming``: a pending or running resumption (``Effect.shown_status``)."""
+        live = Resumption.objects.filter(effect=models.OuterRef("pk")).live()
+        return self.annotate(resuming=models.Exists(live))
+
     def with_history(self) -> EffectQuerySet:
         """Prefetch each effect's transitions, oldest first, in one extra query."""
         return self.prefetch_related(
@@ -168,7 +173,19 @@ class Effect(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"{self.tool} in {self.workflow_id} ({status_label(self.status)})"
+        return f"{self.tool} in {self.workflow_id} ({self.shown_status()})"
+
+    def shown_status(self) -> str:
+        """The status label; "approved, resuming" for a ready effect while a resumption
+        (``agent_ledger.resume``) is bringing its agent back. Reads ``resuming`` when the
+        queryset annotated it (``EffectQuerySet.with_resuming``), else asks the database."""
+        if self.status == EffectStatus.READY and self.continuation is not None:
+            resuming = getattr(self, "resuming", None)
+            if resuming is None:
+                resuming = Resumption.objects.filter(effect_id=self.pk).live().exists()
+            if resuming:
+                return str(RESUMING_LABEL)
+        return status_label(self.status)
 
     @property
     def args(self) -> Any:
@@ -300,6 +317,107 @@ class EffectTransition(models.Model):
         """``label: name`` (``admin: alice``), or the label alone for the system."""
         who = self.actor_name or (f"user #{self.actor_user_id}" if self.actor_user_id else "")
         return f"{self.actor_label}: {who}" if who else self.actor_label
+
+
+#: What a ready effect is shown as while a resumption is bringing the agent back to run it.
+RESUMING_LABEL = _("approved, resuming")
+
+
+class ResumptionStatus(models.TextChoices):
+    """A resumption waits (``pending``, maybe until ``run_after`` after a failure), runs, and
+    ends ``done``, or ``failed`` once its attempts are used up (an operator may retry it)."""
+
+    PENDING = "pending", _("pending")
+    RUNNING = "running", _("running")
+    DONE = "done", _("done")
+    FAILED = "failed", _("failed")
+
+
+class Decision(models.TextChoices):
+    """The decisions that resume an agent (a cancel does not: it stops the work)."""
+
+    APPROVE = "approve", _("approve")
+    DENY = "deny", _("deny")
+
+
+#: The effect status each decision leaves behind.
+DECISION_OF_STATUS = {
+    EffectStatus.READY.value: Decision.APPROVE,
+    EffectStatus.DENIED.value: Decision.DENY,
+}
+
+_LIVE_RESUMPTION = [ResumptionStatus.PENDING.value, ResumptionStatus.RUNNING.value]
+
+
+class ResumptionQuerySet(models.QuerySet["Resumption"]):
+    def live(self) -> ResumptionQuerySet:
+        """Not finished: pending or running (``agent_ledger_resume_due``)."""
+        return self.filter(status__in=_LIVE_RESUMPTION)
+
+    def due(self) -> ResumptionQuerySet:
+        """Pending and due by the database clock, oldest first."""
+        return self.filter(status=ResumptionStatus.PENDING, run_after__lte=Now()).order_by(
+            "run_after", "id"
+        )
+
+
+class Resumption(models.Model):
+    """One decision's call of the effect's resumer: written in the decision's own transaction
+    (so a committed decision always has one, and a rolled-back one none), run after commit."""
+
+    id = models.BigAutoField(primary_key=True)
+    # Indexed by agent_ledger_resumption_effect (effect, created_at), so no index of its own.
+    effect = models.ForeignKey(
+        Effect, on_delete=models.CASCADE, related_name="resumptions", db_index=False
+    )
+    #: The history row of the decision; unique, so one decision yields one resumption.
+    transition = models.ForeignKey(
+        EffectTransition, on_delete=models.CASCADE, related_name="+", db_index=False
+    )
+    decision = models.CharField(max_length=16, choices=Decision.choices)
+    #: The name registered with ``agent_ledger.resume.register`` (``continuation["resumer"]``).
+    resumer = models.CharField(max_length=MAX_NAME_LENGTH)
+    status = models.CharField(
+        max_length=16,
+        choices=ResumptionStatus.choices,
+        default=ResumptionStatus.PENDING,
+        db_default=ResumptionStatus.PENDING.value,
+    )
+    attempts = models.IntegerField(default=0, db_default=0)
+    last_error = models.TextField(blank=True, default="", db_default="")
+    #: Not before this (the database clock): now at first, later after each failure's backoff.
+    run_after = models.DateTimeField(db_default=Now())
+    created_at = models.DateTimeField(db_default=Now())
+    updated_at = models.DateTimeField(db_default=Now())
+
+    objects = ResumptionQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("resumption")
+        verbose_name_plural = _("resumptions")
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            models.Index(fields=["effect", "created_at"], name="agent_ledger_resumption_effect"),
+            # The sweep's query: due pending rows, and running rows gone stale.
+            models.Index(
+                fields=["status", "run_after"],
+                name="agent_ledger_resume_due",
+                condition=models.Q(status__in=_LIVE_RESUMPTION),
+            ),
+        ]
+        constraints = [
+            models.UniqueConstraint(fields=["transition"], name="agent_ledger_resumption_once"),
+            models.CheckConstraint(
+                condition=models.Q(status__in=ResumptionStatus.values),
+                name="agent_ledger_resumption_status_valid",
+            ),
+            models.CheckConstraint(
+                condition=models.Q(attempts__gte=0), name="agent_ledger_resumption_attempts_gte_0"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.resumer} on {self.decision} ({self.get_status_display()})"
 
 
 class EffectTombstoneQuerySet(models.QuerySet["EffectTombstone"]):

@@ -6,7 +6,8 @@ each key (``EffectTombstone``): every store's ``begin`` refuses a tombstoned key
 ``EffectPurgedError``, so a retried charge whose record was pruned does not run again.
 Tombstones go once the key's lifetime (``AGENT_LEDGER["KEY_LIFETIME"]``, counted from the
 effect's creation; default None, forever) has passed; after that the same call may run anew.
-Pending, approved and running effects are never pruned.
+Pending, approved and running effects are never pruned, nor one whose agent is still to be
+resumed (a pending or running ``Resumption``); finished resumptions go with their effect.
 
 Each batch is two short transactions on at most ``batch_size`` rows, so locks stay bounded and
 ledger traffic goes on: (1) write the batch's tombstones; (2) lock the rows again, check they
@@ -31,12 +32,13 @@ from django.db.models.functions import Now
 
 from .conf import ledger_settings
 from .errors import EffectLedgerValidationError, EffectStoreError
-from .models import Effect, EffectTombstone, EffectTransition
+from .models import Effect, EffectTombstone, EffectTransition, Resumption, ResumptionStatus
 from .types import PruneReport, parse_duration
 
 __all__ = ["key_lifetime", "prune", "prune_task"]
 
 DEFAULT_BATCH_SIZE = 1_000
+_LIVE_RESUMPTIONS = (ResumptionStatus.PENDING.value, ResumptionStatus.RUNNING.value)
 MAX_BATCH_SIZE = 50_000
 #: How long a batch waits for older snapshots (PostgreSQL) before the run gives up; the
 #: tombstones it wrote stay, harmless, and the next run deletes their effects.
@@ -73,7 +75,13 @@ def prune(
     lifetime = key_lifetime()
     using = using or ledger_settings.DATABASE
     report = PruneReport(dry_run=dry_run)
-    candidates = Effect.objects.using(using).terminal().filter(completed_at__lt=_ago(age))
+    candidates = (
+        Effect.objects.using(using)
+        .terminal()
+        .filter(completed_at__lt=_ago(age))
+        # An agent still to be resumed after a decision keeps its effect (and decision) alive.
+        .exclude(resumptions__status__in=_LIVE_RESUMPTIONS)
+    )
     if dry_run:
         report.effects = candidates.count()
         report.transitions = (
@@ -148,10 +156,12 @@ def _prune_batch(
     # blocked), check them again, delete history and effects.
     with transaction.atomic(using=using):
         still = list(candidates.select_for_update().filter(pk__in=ids).values_list("pk", flat=True))
-        deleted, _ = EffectTransition.objects.using(using).filter(effect_id__in=still).delete()
-        report.transitions += deleted
-        # A raw delete: the history is gone already, so Django's collector (which would load
-        # every effect to cascade) has nothing to do.
+        # Raw deletes, children first (finished resumptions, history, then the effects):
+        # Django's collector would load every row to cascade, and here there is nothing left
+        # to cascade to.
+        Resumption.objects.using(using).filter(effect_id__in=still)._raw_delete(using)
+        transitions = EffectTransition.objects.using(using).filter(effect_id__in=still)
+        report.transitions += transitions._raw_delete(using)
         report.effects += Effect.objects.using(using).filter(pk__in=still)._raw_delete(using)
         reopened = set(ids) - set(still)
         if reopened:

@@ -24,6 +24,8 @@ __all__ = [
     "effect_failed",
     "effect_reopened",
     "effect_succeeded",
+    "resume_done",
+    "resume_failed",
 ]
 
 #: An effect entered ``requires_approval`` (on ``begin`` or ``request_approval``).
@@ -38,6 +40,15 @@ effect_canceled = Signal()
 effect_succeeded = Signal()
 #: The tool ran and raised (or returned something that is not JSON); the error was stored.
 effect_failed = Signal()
+
+# Resumptions (``agent_ledger.resume``) send theirs with ``sender=agent_ledger.models.Resumption``
+# and ``resumption`` (the row) and ``effect`` (an ``agent_ledger.types.Effect``), as they happen
+# (no transaction is open around a resumer).
+
+#: A resumer ran and returned.
+resume_done = Signal()
+#: A resumer raised; also ``error`` (text) and ``final`` (True when no retry is scheduled).
+resume_failed = Signal()
 
 #: ``failed -> ready`` by an operator (``agent_ledger.retry_effect``): the next run runs again.
 effect_reopened = Signal()

@@ -104,7 +104,7 @@ def seed(reseed: bool) -> None:
             print(f"== seed present: {EFFECTS:,} effects, {rows:,} transitions")
             return
         started = time.monotonic()
-        conn.execute("TRUNCATE agent_ledger_effect, agent_ledger_effecttransition")
+        conn.execute("TRUNCATE agent_ledger_effect, agent_ledger_effecttransition CASCADE")
         # Secondary indexes are built once at the end (faster than 4M row-by-row inserts),
         # exactly as the migrations define them (Django's schema editor writes them back).
         for _model, index in _secondary_indexes():

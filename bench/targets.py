@@ -68,7 +68,7 @@ async def _truncate(schema: str) -> None:
     async with await AsyncConnection.connect(
         conninfo(schema=schema, app="truncate"), autocommit=True
     ) as conn:
-        await conn.execute(f"TRUNCATE {EFFECT}, {TRANSITION}")
+        await conn.execute(f"TRUNCATE {EFFECT}, {TRANSITION} CASCADE")
 
 
 def _pool(dsn: str, size: int, name: str, **kwargs: Any) -> AsyncConnectionPool[Any]:

@@ -189,13 +189,13 @@ def test_services_refuse_bad_input(call: Any, field: str) -> None:
 
 def test_the_retry_panel_shows_to_those_who_may_retry_a_failed_effect() -> None:
     effect = failed()
-    assert (
-        "agent-ledger-retry" in logged_in(RETRY).get(admin_url("change", effect)).content.decode()
-    )
-    assert "agent-ledger-retry" not in logged_in().get(admin_url("change", effect)).content.decode()
+    page = logged_in(RETRY).get(admin_url("change", effect)).content.decode()
+    assert "agent-ledger-operator-retry" in page
+    page = logged_in().get(admin_url("change", effect)).content.decode()
+    assert "agent-ledger-operator-retry" not in page
     running = make_effect(status=EffectStatus.PROCESSING)
     page = logged_in(RESOLVE).get(admin_url("change", running)).content.decode()
-    assert "agent-ledger-resolve" in page and "agent-ledger-retry" not in page
+    assert "agent-ledger-operator-resolve" in page and "agent-ledger-operator-retry" not in page
 
 
 def test_retry_in_the_admin_records_the_user() -> None:

@@ -105,7 +105,7 @@ async def test_schema_sql_can_run_in_several_workers_at_once() -> None:
             tables = await fetch(
                 conn, "SELECT count(*) FROM pg_tables WHERE schemaname = %s", schema
             )
-        assert tables == [(3,)]  # effects, history, tombstones
+        assert tables == [(4,)]  # effects, history, resumptions, tombstones
 
 
 async def test_begin_retries_when_it_loses_the_insert_to_a_row_it_cannot_see_yet(
@@ -322,7 +322,7 @@ def test_a_store_used_from_another_loop_while_its_pool_loop_is_idle_fails_clearl
 async def test_database_errors_are_store_errors_with_the_driver_error_chained(
     store: PostgresStore, db: psycopg.AsyncConnection[Any]
 ) -> None:
-    await db.execute(sql.SQL("DROP TABLE agent_ledger_effecttransition"))
+    await db.execute(sql.SQL("DROP TABLE agent_ledger_effecttransition CASCADE"))
     with pytest.raises(EffectStoreError, match="history: UndefinedTable") as caught:
         await store.history(str(uuid.uuid4()))
     assert isinstance(caught.value.__cause__, psycopg.errors.UndefinedTable)

@@ -8,9 +8,22 @@ from typing import TYPE_CHECKING
 from ..redaction import Redactor, settings_redactor
 from ..types import Actor, CommitOutcome
 from ._process import in_thread
+from ._tombstones import purged
 
 if TYPE_CHECKING:
     from .base import TransitionRecord
+
+
+def refuse_tombstoned(using: str, idem_key: str) -> None:
+    """The ORM ``begin``, just after its insert and in a statement of its own: raise
+    ``EffectPurgedError`` (undoing the caller's savepoint) when ``idem_key`` has a tombstone. A
+    prune that deleted this key's effect (the insert waited for it) committed its tombstone
+    before, so this statement sees it."""
+    from ..models import EffectTombstone
+
+    tombstone = EffectTombstone.objects.using(using).filter(idem_key=idem_key).first()
+    if tombstone is not None:
+        raise purged(idem_key, {"status": tombstone.status})
 
 
 class DjangoDataMixin:

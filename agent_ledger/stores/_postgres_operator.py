@@ -13,22 +13,19 @@ from ..operator import reopen_reason
 from ..types import Actor, CommitOutcome, CommitSucceeded, EffectStatus
 from .base import CHANNEL, TransitionRecord, effect_from_columns, int_user_id
 
-_COLUMNS = (
-    "id, idem_key, workflow_id, call_id, tool, status, args_canonical, resource_id_canonical, "
-    "result, error, dedup_count, fence, created_at, updated_at, completed_at"
-)
-LOCK = f"SELECT {_COLUMNS} FROM agent_ledger_effect WHERE idem_key = %s FOR UPDATE"
-REOPEN = f"""
+# ``{columns}``: ``postgres.COLUMNS`` (filled in at call time: that module imports this one).
+LOCK = "SELECT {columns} FROM agent_ledger_effect WHERE idem_key = %s FOR UPDATE"
+REOPEN = """
 UPDATE agent_ledger_effect
 SET status = 'ready', error = NULL, result = NULL, completed_at = NULL,
     updated_at = statement_timestamp()
-WHERE id = %(id)s RETURNING {_COLUMNS}
+WHERE id = %(id)s RETURNING {columns}
 """
-RESOLVE = f"""
+RESOLVE = """
 UPDATE agent_ledger_effect
 SET status = %(status)s, result = %(result)s::jsonb, error = %(error)s::jsonb,
     fence = fence + 1, updated_at = statement_timestamp(), completed_at = statement_timestamp()
-WHERE id = %(id)s RETURNING {_COLUMNS}
+WHERE id = %(id)s RETURNING {columns}
 """
 HISTORY = """
 INSERT INTO agent_ledger_effecttransition
@@ -73,6 +70,8 @@ class OperatorMixin:
     async def _operate(
         self, idem_key: str, from_status: EffectStatus, actor: Actor, change: Any, *, reason: Any
     ) -> TransitionRecord:
+        from .postgres import COLUMNS
+
         store: Any = self
         user_id = int_user_id(actor)
 
@@ -81,7 +80,7 @@ class OperatorMixin:
                 cursor = conn.cursor(row_factory=_dict_row())
                 # Lock for the check-then-write: a late commit, a takeover or a second
                 # operator waits, then finds the effect changed and changes nothing.
-                await cursor.execute(LOCK, (idem_key,))
+                await cursor.execute(LOCK.format(columns=COLUMNS), (idem_key,))
                 row = await cursor.fetchone()
                 if row is None:
                     raise EffectNotFoundError(idem_key)
@@ -89,6 +88,7 @@ class OperatorMixin:
                 if current.status is not from_status:
                     return TransitionRecord(current, changed=False)
                 query, params = change(current)
+                query = query.format(columns=COLUMNS)
                 await cursor.execute(query, {"id": uuid.UUID(current.id), **params})
                 updated = await cursor.fetchone()
                 if updated is None:  # pragma: no cover - the row is locked

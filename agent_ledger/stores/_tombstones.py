@@ -34,13 +34,3 @@ def purged(idem_key: str, row: dict[str, object]) -> EffectPurgedError:
     """The error for ``BEGIN``'s answer to a tombstoned key (``row["created"]`` is NULL)."""
     status = row.get("status")
     return EffectPurgedError(idem_key, status if isinstance(status, str) else None)
-
-
-def refuse_tombstoned(using: str, idem_key: str) -> None:
-    """``DjangoStore``'s ORM path: raise ``EffectPurgedError`` (undoing the caller's
-    savepoint) when ``idem_key`` has a tombstone."""
-    from ..models import EffectTombstone  # Django only here: PostgresStore imports this module
-
-    tombstone = EffectTombstone.objects.using(using).filter(idem_key=idem_key).first()
-    if tombstone is not None:
-        raise purged(idem_key, {"status": tombstone.status})

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from django.core.exceptions import ValidationError
 from django.db import (
@@ -30,7 +30,7 @@ from django.db.models import F
 from django.db.models.functions import Now
 from django.dispatch import Signal
 
-from .. import signals
+from .. import resume, signals
 from ..conf import ledger_settings
 from ..errors import (
     EffectLedgerError,
@@ -50,9 +50,8 @@ from ..types import (
     EffectStatus,
     Transition,
 )
-from ._django_data import DjangoDataMixin
+from ._django_data import DjangoDataMixin, refuse_tombstoned
 from ._process import close_connections, in_thread, listen, notifier
-from ._tombstones import purged, refuse_tombstoned
 from .base import (
     CHANNEL,
     BeginRecord,
@@ -63,9 +62,6 @@ from .base import (
     parse_uuid,
     worth_waking,
 )
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["DjangoStore", "close_connections"]
 
@@ -180,10 +176,7 @@ class DjangoStore(DjangoDataMixin):
             params = pg.begin_params(new, pg.actor_params(new.actor, user_id))
             with _store_errors("begin"):
                 row = _fetch(using, pg.BEGIN, params, attempts=pg.BEGIN_ATTEMPTS)
-            if row is None:
-                raise pg.vanished(new.idem_key)
-            if row["created"] is None:
-                raise purged(new.idem_key, row)
+            row = pg.begun(new.idem_key, row)  # raises for a vanished or a pruned key
             record = BeginRecord(effect_from_columns(row, json_as_text=True), row["created"])
             if record.created:
                 _announce(using, record.effect, None, new.actor)
@@ -205,8 +198,6 @@ class DjangoStore(DjangoDataMixin):
                         attempts=1 if new.status is EffectStatus.PROCESSING else 0,
                         continuation=new.continuation,
                     )
-                    # After the insert, in a statement of its own: a prune that deleted this
-                    # key's effect (we waited for it) committed its tombstone before that.
                     refuse_tombstoned(using, new.idem_key)
             except IntegrityError as exc:
                 replayed = (
@@ -339,7 +330,8 @@ class DjangoStore(DjangoDataMixin):
                 latest = EffectRow.objects.using(using).get(pk=current.pk)
                 return TransitionRecord(_effect(latest), changed=False)
             effect = _effect(EffectRow.objects.using(using).get(pk=current.pk))
-            _record(using, effect, EffectStatus(current.status), actor, user_id, reason)
+            recorded = _record(using, effect, EffectStatus(current.status), actor, user_id, reason)
+            resume.decided(using, effect, EffectStatus(current.status), recorded.pk)
         return TransitionRecord(effect, changed=True)
 
     def claim_sync(self, effect_id: str, *, stale_after_ms: float, actor: Actor) -> Effect | None:
@@ -430,10 +422,10 @@ def _record(
     actor: Actor,
     user_id: Any,
     reason: str | None,
-) -> None:
-    """In the caller's transaction: the history row and, on PostgreSQL, the NOTIFY delivered
-    to other processes when it commits; then announce it here."""
-    EffectTransition.objects.using(using).record(
+) -> EffectTransition:
+    """In the caller's transaction: the history row (returned) and, on PostgreSQL, the NOTIFY
+    delivered to other processes when it commits; then announce it here."""
+    row = EffectTransition.objects.using(using).record(
         effect_id=uuid.UUID(effect.id),
         from_status=from_status.value if from_status is not None else None,
         to_status=effect.status.value,
@@ -447,6 +439,7 @@ def _record(
         with conn.cursor() as cursor:
             cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, effect.id])
     _announce(using, effect, from_status, actor)
+    return row
 
 
 def _announce(using: str, effect: Effect, from_status: EffectStatus | None, actor: Actor) -> None:

@@ -44,6 +44,7 @@ from ..types import (
     EffectStatus,
     Transition,
 )
+from ._decide import TRANSITION
 from ._listen import Listener
 from ._postgres_operator import OperatorMixin
 from ._tombstones import NOT_TOMBSTONED, purged, purged_branch
@@ -101,9 +102,6 @@ _CLAIMED = _HISTORY.format(
     at="updated_at",
     reason="CASE WHEN from_status = 'processing' THEN 'stale takeover' END",
     source="upd",
-)
-_DECIDED = _HISTORY.format(
-    from_status="from_status", at="updated_at", reason="%(reason)s::text", source="upd"
 )
 
 # Insert, or count a replay, in one statement. Under READ COMMITTED a row inserted by a
@@ -179,30 +177,6 @@ WITH cur AS (
 SELECT {COLUMNS}, {_NOTIFY} AS side FROM upd
 """
 
-# A decision: lock, check, change, history, in one statement. ``cur`` locks the row and, under
-# READ COMMITTED, reads its newest version once the lock is ours: approve and deny racing cannot
-# both find it awaiting approval. Unchanged (not awaiting that decision): ``cur`` comes back as
-# is. No row at all: the key is unknown.
-TRANSITION = f"""
-WITH cur AS (
-    SELECT {COLUMNS} FROM agent_ledger_effect WHERE idem_key = %(idem_key)s FOR UPDATE
-), upd AS (
-    UPDATE agent_ledger_effect AS e
-    SET status = %(to_status)s, updated_at = statement_timestamp(),
-        error = coalesce(%(error)s::jsonb, e.error),
-        completed_at = CASE WHEN %(terminal)s THEN statement_timestamp() END
-    FROM cur
-    WHERE e.id = cur.id AND cur.status = ANY(%(from_statuses)s::varchar[])
-    RETURNING {", ".join(f"e.{column}" for column in COLUMNS.split(", "))},
-              cur.status AS from_status
-), hist AS (
-    {_DECIDED}
-)
-SELECT true AS changed, {COLUMNS}, {_NOTIFY} AS side FROM upd
-UNION ALL
-SELECT false, {COLUMNS}, NULL FROM cur WHERE NOT EXISTS (SELECT 1 FROM upd)
-"""
-
 GET = f"SELECT {COLUMNS} FROM agent_ledger_effect WHERE id = %s"
 GET_BY_KEY = f"SELECT {COLUMNS} FROM agent_ledger_effect WHERE idem_key = %s"
 HISTORY_OF = """
@@ -260,6 +234,16 @@ def actor_params(actor: Actor, user_id: Any) -> dict[str, Any]:
     return {"actor_label": actor.label, "actor_user_id": user_id, "actor_name": actor.name or ""}
 
 
+def begun(idem_key: str, row: dict[str, Any] | None) -> dict[str, Any]:
+    """``BEGIN``'s row, or the error for its two other answers: nothing (``vanished``) and a
+    pruned key (``EffectPurgedError``, see ``_tombstones``)."""
+    if row is None:
+        raise vanished(idem_key)
+    if row["created"] is None:
+        raise purged(idem_key, row)
+    return row
+
+
 def vanished(idem_key: str) -> EffectStoreError:
     """For a ``BEGIN`` that answered nothing ``BEGIN_ATTEMPTS`` times (see ``BEGIN``)."""
     return EffectStoreError(
@@ -300,11 +284,7 @@ class PostgresStore(OperatorMixin):
     async def begin(self, new: NewEffect) -> BeginRecord:
         params = begin_params(new, _actor_params(new.actor))
         rows = await self._fetch("begin", BEGIN, params, attempts=BEGIN_ATTEMPTS)
-        if not rows:
-            raise vanished(new.idem_key)
-        row = rows[0]
-        if row["created"] is None:
-            raise purged(new.idem_key, row)
+        row = begun(new.idem_key, rows[0] if rows else None)
         effect = effect_from_columns(row)
         if row["created"]:
             self._notifier.notify(effect.id, effect)

@@ -162,6 +162,9 @@ class Flaky:
         self._maybe_fail("get")
         return await self._store.get(effect_id)
 
+    async def release(self, effect_id: str, **kwargs: Any) -> Any:
+        return await self._store.release(effect_id, **kwargs)
+
     async def claim(self, effect_id: str, **kwargs: Any) -> Any:
         self._maybe_fail("claim")
         return await self._store.claim(effect_id, **kwargs)

@@ -36,6 +36,7 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[PostgresStore]:
         request.config.add_cleanup(lambda: drop_schema_sync(_contract_schema))
     schema = _contract_schema
     async with await connect(options=search_path(schema)) as conn:
+        await conn.execute("DELETE FROM agent_ledger_resumption")
         await conn.execute("DELETE FROM agent_ledger_effecttransition")
         await conn.execute("DELETE FROM agent_ledger_effect")
         await conn.execute("DELETE FROM agent_ledger_effecttombstone")

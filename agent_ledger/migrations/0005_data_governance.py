@@ -6,7 +6,7 @@ from django.db import migrations, models
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("agent_ledger", "0003_attempts_continuation"),
+        ("agent_ledger", "0004_resumption"),
     ]
 
     operations = [
