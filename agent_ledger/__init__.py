@@ -12,12 +12,14 @@ from .errors import (
     EffectLedgerError,
     EffectLedgerValidationError,
     EffectNotFoundError,
+    EffectPurgedError,
     EffectStoreError,
     EffectTimeoutError,
     SyncCallInEventLoopError,
 )
 from .hooks import LedgerHooks
 from .ledger import EffectLedger, EffectLedgerOptions
+from .redaction import Redactor
 from .requester import requested_by
 from .stores.base import EffectStore
 from .stores.memory import MemoryStore
@@ -67,12 +69,14 @@ __all__ = [
     "EffectLedgerOptions",
     "EffectLedgerValidationError",
     "EffectNotFoundError",
+    "EffectPurgedError",
     "EffectStatus",
     "EffectStore",
     "EffectStoreError",
     "EffectTimeoutError",
     "LedgerHooks",
     "MemoryStore",
+    "Redactor",
     "ResourceDescriptor",
     "RunOptions",
     "StaleOptions",

@@ -1,6 +1,7 @@
 """The admin: a read-only audit browser, and the approval dashboard for effects awaiting a human.
 
-Nobody edits an effect here. The only writes are approve and deny, which are POST-only views
+Nobody edits an effect here. The only writes are approve and deny (and the operator actions of
+``admin_operator``: retry, resolve), which are POST-only views
 (and bulk actions) that check ``agent_ledger.approve_effect`` and go through
 ``agent_ledger.services`` so the history row names the user, and "Retry resume" (the same
 permission: whoever may decide may push a decision's resumption through again). The changelist
@@ -43,6 +44,7 @@ from django.utils.translation import ngettext
 from django.views.decorators.http import require_POST
 
 from . import resume, services
+from .admin_operator import OperatorAdminMixin
 from .approvals import describe_diff
 from .errors import DecisionRefusedError, EffectLedgerValidationError, EffectNotFoundError
 from .models import (
@@ -192,7 +194,7 @@ class TransitionInline(admin.TabularInline):  # type: ignore[type-arg]
 
 
 @admin.register(Effect)
-class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = (
         "created",
         "workflow_id",
@@ -401,6 +403,8 @@ class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
                 self.admin_site.admin_view(self.retry_resume_view),
                 name="{}_{}_retry_resume".format(*info),
             ),
+            # After the line above: "<path:object_id>/retry/" would swallow it.
+            *self.operator_urls(),
             *super().get_urls(),
         ]
 
@@ -411,7 +415,11 @@ class EffectAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
         form_url: str = "",
         extra_context: dict[str, Any] | None = None,
     ) -> HttpResponse:
-        extra_context = {**(extra_context or {}), **self._desk_context(request, object_id)}
+        extra_context = {
+            **(extra_context or {}),
+            **self._desk_context(request, object_id),
+            **self.operator_context(request),
+        }
         return super().change_view(request, object_id, form_url, extra_context)
 
     def _desk_context(self, request: HttpRequest, object_id: str) -> dict[str, Any]:

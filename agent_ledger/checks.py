@@ -17,6 +17,7 @@ from django.core.checks import CheckMessage, Error, Warning, register
 from django.utils.module_loading import import_string
 
 from .conf import DEFAULTS, MIN_WEBHOOK_SECRET_LENGTH, RESUME_BACKENDS, RETIRED
+from .errors import EffectLedgerValidationError
 
 
 @register()
@@ -273,6 +274,50 @@ def check_approval_settings(app_configs: Any = None, **kwargs: Any) -> list[Chec
                     f"AGENT_LEDGER['SLACK_USER_LOOKUP'] {problem}.",
                     hint="The dotted path of fn(team_id, slack_user) -> a user or None.",
                     id="agent_ledger.E038",
+                )
+            )
+    return errors
+
+
+@register()
+def check_data_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """``REDACT`` and ``KEY_LIFETIME``: built here once, as the ledger would build them."""
+    from .redaction import redactor_from_setting
+    from .types import parse_duration
+
+    value = getattr(settings, "AGENT_LEDGER", {})
+    if not isinstance(value, dict):
+        return []  # E001 says so
+    errors: list[CheckMessage] = []
+    redact = value.get("REDACT")
+    if redact is not None:
+        try:
+            redactor_from_setting(redact, str(getattr(settings, "SECRET_KEY", "")))
+        except EffectLedgerValidationError as exc:
+            function = exc.field == "REDACT['function']"
+            errors.append(
+                Error(
+                    f"AGENT_LEDGER['REDACT'] is invalid: {exc}",
+                    hint=(
+                        "Give the dotted path of a function (value, *, tool, part) -> value."
+                        if function
+                        else 'A list of key-path rules ("authorization", "*.api_key", '
+                        '"card.number") or a dict with paths, tools, function, hash, hash_key.'
+                    ),
+                    id="agent_ledger.E012" if function else "agent_ledger.E011",
+                )
+            )
+    lifetime = value.get("KEY_LIFETIME")
+    if lifetime is not None:
+        try:
+            parse_duration(lifetime, "KEY_LIFETIME")
+        except EffectLedgerValidationError as exc:
+            errors.append(
+                Error(
+                    f"AGENT_LEDGER['KEY_LIFETIME'] is invalid: {exc}",
+                    hint='None (pruned keys stay closed forever), a duration such as "365d", '
+                    "or a timedelta.",
+                    id="agent_ledger.E013",
                 )
             )
     return errors

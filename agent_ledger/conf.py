@@ -10,6 +10,9 @@ Defaults (every key is optional)::
         "ASYNC_THREADS": 16,                # threads (so at most this many connections) that
                                             # DjangoStore's async methods run their queries on;
                                             # read once, when the first async call is made
+        "REDACT": None,                     # what to redact before storage (agent_ledger.redaction)
+        "KEY_LIFETIME": None,               # how long a pruned key stays closed, e.g. "365d";
+                                            # None: forever (agent_ledger.retention)
         "RESUME_BACKEND": "inline",         # how resumers run after a decision commits:
                                             # "inline" (in the deciding thread, for development),
                                             # "django_tasks" or "celery" (agent_ledger.tasks)
@@ -43,6 +46,8 @@ DEFAULTS: dict[str, Any] = {
     "WEBHOOK_SECRETS": {},
     "WEBHOOK_TOLERANCE_SECONDS": 300,
     "ASYNC_THREADS": 16,
+    "REDACT": None,
+    "KEY_LIFETIME": None,
     "RESUME_BACKEND": "inline",
     "RESUME_MAX_ATTEMPTS": 5,
     "RESUME_RETRY_DELAY_SECONDS": 10,

@@ -118,3 +118,16 @@ class DecisionRefusedError(EffectLedgerError):
         self.code = code
         self.http_status = http_status
         super().__init__(message)
+
+
+class EffectPurgedError(EffectLedgerError):
+    """The key's effect was pruned by retention: its tombstone keeps the key closed, so the
+    call is not run again (until the tombstone expires after ``AGENT_LEDGER["KEY_LIFETIME"]``)."""
+
+    def __init__(self, idem_key: str, status: str | None = None) -> None:
+        self.idem_key = idem_key
+        self.status = status
+        what = f" ({status} when pruned)" if status else ""
+        super().__init__(
+            f"effect {idem_key} was pruned{what}; its key stays closed and the call is not run"
+        )

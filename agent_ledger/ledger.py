@@ -34,6 +34,8 @@ from .errors import (
     SyncCallInEventLoopError,
 )
 from .hooks import LedgerHooks, call_hook
+from .operator import require_outcome, require_reason
+from .redaction import Redactor
 from .requester import current_requester
 from .stores.base import EffectStore, NewEffect
 from .types import (
@@ -87,6 +89,9 @@ class EffectLedgerOptions:
     #: ``expires_after(call) -> seconds | None``: how long a new pending approval of the call
     #: may wait before it is denied as ``expired`` (on stores that keep ``expires_at``).
     expires_after: Callable[[ToolCall], float | None] | None = None
+    #: What to redact before storage (``agent_ledger.redaction``); None: the store's default
+    #: (``DjangoStore``: ``AGENT_LEDGER["REDACT"]``), else nothing.
+    redact: Redactor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.store, EffectStore):
@@ -105,6 +110,7 @@ class EffectLedgerOptions:
             raise EffectLedgerValidationError("must be callable", field="approval_policy")
         if self.expires_after is not None and not callable(self.expires_after):
             raise EffectLedgerValidationError("must be callable", field="expires_after")
+        require_instance(self.redact, Redactor, "redact")
 
 
 class EffectLedger:
@@ -144,18 +150,18 @@ class EffectLedger:
             raise EffectLedgerValidationError("must be callable", field="handler")
         options = self._run_options(run_options)
         gated = self._requires_approval(call, options)
-        new = self._prepare(call, REQUIRES_APPROVAL if gated else PROCESSING)
+        new, raw_args = self._prepare_call(call, REQUIRES_APPROVAL if gated else PROCESSING)
         with tracing.span("agent_ledger.run", tool=call.tool, workflow=call.workflow_id) as span:
             since = time.monotonic()
             record = await self.store.begin(new)
             effect = record.effect
             tracing.annotate(span, idem_key=effect.idem_key, replay=not record.created)
             if record.created and effect.status is PROCESSING:
-                result = await self._execute(effect, handler, options)
+                result = await self._execute(effect, handler, options, raw_args=raw_args)
             else:
                 if record.created:
                     await call_hook(self._hooks.approval_requested, effect)
-                result = await self._settle(effect, handler, options, since)
+                result = await self._settle(effect, handler, options, since, raw_args=raw_args)
         codec = options.codec
         return codec.decode(result) if codec is not None else result
 
@@ -226,6 +232,7 @@ class EffectLedger:
         if fence is None:
             fence = self._fences.get(effect_id)
         who = Actor.coerce(actor)
+        outcome = await self._redact_committed(effect_id, outcome)
         if isinstance(outcome, CommitSucceeded):
             try:
                 outcome = CommitSucceeded(result=_json_copy(outcome.result, "result"))
@@ -276,6 +283,42 @@ class EffectLedger:
     ) -> bool:
         """Stop an effect that has not finished; a handler still running cannot commit after it."""
         return await self._decide("cancel", idem_key, actor, reason)
+
+    async def retry(self, idem_key: str, *, actor: Actor | str, reason: str) -> bool:
+        """An operator reopens a failed effect (``failed -> ready``, see ``agent_ledger.operator``):
+        the next run of the key runs the handler again. False when it was not failed."""
+        _require_id(idem_key, "idem_key")
+        reason = require_reason(reason)
+        record = await self._operator_store().reopen(
+            idem_key, actor=Actor.coerce(actor), reason=reason
+        )
+        return bool(record.changed)
+
+    async def resolve(
+        self, idem_key: str, outcome: CommitOutcome, *, actor: Actor | str, reason: str
+    ) -> bool:
+        """An operator records the outcome of a processing effect whose owner is gone
+        (``processing -> succeeded|failed``); waiting callers receive it. False when it was
+        not processing."""
+        _require_id(idem_key, "idem_key")
+        reason = require_reason(reason)
+        outcome = require_outcome(outcome)
+        if isinstance(outcome, CommitSucceeded):
+            outcome = CommitSucceeded(result=_json_copy(outcome.result, "result"))
+        store = self._operator_store()
+        effect = await self.store.get_by_idem_key(idem_key)
+        if effect is not None:
+            outcome = self._redact_outcome(effect, outcome)
+        record = await store.resolve(idem_key, outcome, actor=Actor.coerce(actor), reason=reason)
+        return bool(record.changed)
+
+    def _operator_store(self) -> Any:
+        if not (hasattr(self.store, "reopen") and hasattr(self.store, "resolve")):
+            raise EffectLedgerError(
+                f"{type(self.store).__name__} has no operator actions; retry and resolve "
+                "through Django (agent_ledger.services), which shares its tables"
+            )
+        return self.store
 
     async def _decide(
         self, name: str, idem_key: str, actor: Actor | str | None, reason: str | None
@@ -370,6 +413,16 @@ class EffectLedger:
         status: EffectStatus = EffectStatus.PROCESSING,
         continuation: Any = None,
     ) -> NewEffect:
+        return self._prepare_call(call, status, continuation)[0]
+
+    def _prepare_call(
+        self,
+        call: ToolCall,
+        status: EffectStatus = EffectStatus.PROCESSING,
+        continuation: Any = None,
+    ) -> tuple[NewEffect, str | None]:
+        """The effect to insert (its arguments redacted) and, when redaction changed them,
+        the raw arguments' canonical JSON, which only the handler sees."""
         if not isinstance(call, ToolCall):
             raise EffectLedgerValidationError(
                 f"must be a ToolCall, got {type(call).__name__}", field="call"
@@ -387,20 +440,28 @@ class EffectLedger:
         expires_after_s = None
         if status is REQUIRES_APPROVAL and self._options.expires_after is not None:
             expires_after_s = self._options.expires_after(call)
-        return NewEffect(
+        # The key comes from the raw arguments, so replays dedupe whatever is redacted.
+        idem_key = keys.idem_key(call, args_canonical)
+        stored, raw = args_canonical, None
+        redactor = self._redactor()
+        if redactor:
+            stored = redactor.args_canonical(call.tool, call.args)
+            raw = args_canonical if stored != args_canonical else None
+        new = NewEffect(
             id=str(uuid.uuid4()),
-            idem_key=keys.idem_key(call, args_canonical),
+            idem_key=idem_key,
             workflow_id=call.workflow_id,
             call_id=call.call_id or str(uuid.uuid4()),
             tool=call.tool,
             status=status,
-            args_canonical=args_canonical,
+            args_canonical=stored,
             resource_id_canonical=resource,
             # The first history row's actor is the effect's requester (four eyes).
             actor=current_requester() or SYSTEM,
             continuation=continuation,
             expires_after_s=expires_after_s,
         )
+        return new, raw
 
     def _continuation(self, value: Any) -> Any:
         if not isinstance(value, Mapping) or not isinstance(value.get("resumer"), str):
@@ -450,13 +511,18 @@ class EffectLedger:
         while len(self._fences) > _FENCE_MEMORY:
             self._fences.popitem(last=False)
 
-    async def _execute(self, effect: Effect, handler: Handler, options: _Resolved) -> Any:
+    async def _execute(
+        self, effect: Effect, handler: Handler, options: _Resolved, *, raw_args: str | None = None
+    ) -> Any:
         """Run the handler as the effect's owner (``effect.fence``) and commit the outcome.
 
         If the commit is refused (the effect was taken over or canceled while the handler ran),
         every caller of the key must see the one recorded outcome, so we report that instead of
-        our own, whether our handler returned or raised.
+        our own, whether our handler returned or raised. ``raw_args``: the arguments before
+        redaction, which the handler is given (the store holds the redacted ones).
         """
+        if raw_args is not None:
+            effect = dataclasses.replace(effect, args_canonical=raw_args)
         try:
             value = await _call(handler, effect)
         except BaseException as exc:
@@ -487,12 +553,20 @@ class EffectLedger:
         committed = await self._commit_owned(effect, CommitSucceeded(result), options)
         if committed is None:
             return await self._follow(effect, options)
+        if committed.status is EffectStatus.FAILED and committed.error is not None:
+            raise EffectFailedError(effect.idem_key, committed.error)  # redaction failed
         return committed.result
 
     async def _release(
         self, effect: Effect, options: _Resolved, reason: str, error: EffectError | None = None
     ) -> None:
         """Hand the effect back as ``ready`` (the attempt stays in its history)."""
+        redactor = self._redactor()
+        if redactor is not None:
+            # The reason and error quote the exception: cut out the redacted arguments.
+            secrets = redactor.redact(effect.args, tool=effect.tool, part="args")[1]
+            reason = redactor.error(EffectError(reason), secrets).message
+            error = None if error is None else redactor.error(error, secrets)
         reason = reason[:MAX_REASON_LENGTH]
         await self._owner_writes(
             lambda: self.store.release(
@@ -504,6 +578,7 @@ class EffectLedger:
     async def _commit_owned(
         self, effect: Effect, outcome: CommitOutcome, options: _Resolved
     ) -> Effect | None:
+        outcome = self._redact_outcome(effect, outcome)
         committed = await self._owner_writes(
             lambda: self.store.commit(effect.id, outcome, fence=effect.fence, actor=SYSTEM),
             options,
@@ -546,6 +621,7 @@ class EffectLedger:
         since: float,
         *,
         reread: bool = False,
+        raw_args: str | None = None,
     ) -> Any:
         """Wait (woken by the store, or with backoff and jitter) until the effect is terminal,
         claiming it if it becomes ready or stale, then return or raise its outcome.
@@ -615,7 +691,7 @@ class EffectLedger:
                 except EffectStoreError as exc:
                     failure, claimed = exc, None
                 if claimed is not None:
-                    return await self._execute(claimed, handler, options)
+                    return await self._execute(claimed, handler, options, raw_args=raw_args)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if failure is not None:
@@ -639,6 +715,28 @@ class EffectLedger:
                 effect = changed
                 continue
             reread = True
+
+    # -- redaction (agent_ledger.redaction) -----------------------------------------------------
+
+    def _redactor(self) -> Redactor | None:
+        """The ledger's redactor, else the store's default (read per call: settings change)."""
+        given = self._options.redact
+        if given is None:
+            given = getattr(self.store, "redactor", None)
+        return given if isinstance(given, Redactor) and given else None
+
+    def _redact_outcome(self, effect: Effect, outcome: CommitOutcome) -> CommitOutcome:
+        """What the store keeps of an outcome: the result with its rules applied; an error
+        message without the strings redacted from ``effect``'s arguments (raw ones, here)."""
+        redactor = self._redactor()
+        return outcome if redactor is None else redactor.outcome(effect, outcome)
+
+    async def _redact_committed(self, effect_id: str, outcome: CommitOutcome) -> CommitOutcome:
+        """``commit``'s outcome redacted by the effect's tool (read, when there are rules)."""
+        if self._redactor() is None:
+            return outcome
+        effect = await self.store.get(effect_id)
+        return outcome if effect is None else self._redact_outcome(effect, outcome)
 
 
 class _Backoff:

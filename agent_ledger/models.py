@@ -138,7 +138,11 @@ class Effect(models.Model):
         verbose_name = _("effect")
         verbose_name_plural = _("effects")
         ordering = ["-created_at"]
-        permissions = [("approve_effect", _("Can approve or deny effects"))]
+        permissions = [
+            ("approve_effect", _("Can approve or deny effects")),
+            ("retry_effect", _("Can reopen a failed effect to run it again")),
+            ("resolve_effect", _("Can record the outcome of an effect whose outcome is unknown")),
+        ]
         indexes = [
             models.Index(fields=["-created_at"], name="agent_ledger_created"),
             models.Index(fields=["workflow_id", "-created_at"], name="agent_ledger_workflow"),
@@ -155,6 +159,12 @@ class Effect(models.Model):
                 fields=["expires_at"],
                 name="agent_ledger_expiring",
                 condition=models.Q(status="requires_approval", expires_at__isnull=False),
+            ),
+            # Retention finds what to prune by completion time, among finished rows only.
+            models.Index(
+                fields=["completed_at"],
+                name="agent_ledger_completed",
+                condition=models.Q(status__in=_TERMINAL),
             ),
         ]
         constraints = [
@@ -424,3 +434,48 @@ class Resumption(models.Model):
 
     def __str__(self) -> str:
         return f"{self.resumer} on {self.decision} ({self.get_status_display()})"
+
+
+class EffectTombstoneQuerySet(models.QuerySet["EffectTombstone"]):
+    def expired(self, key_lifetime: timedelta) -> EffectTombstoneQuerySet:
+        """Keys first used longer than ``key_lifetime`` ago, by the database clock: these may
+        run anew (``agent_ledger_tomb_created``)."""
+        cutoff = ExpressionWrapper(
+            Now() - Value(key_lifetime, output_field=models.DurationField()),
+            output_field=models.DateTimeField(),
+        )
+        return self.filter(created_at__lt=cutoff)
+
+
+class EffectTombstone(models.Model):
+    """What is left of a pruned effect: its key, so a retried call never silently runs again.
+
+    Every store's ``begin`` refuses a key with a tombstone (``EffectPurgedError``). No payload
+    (arguments, result, error, history) is kept; only what says which call it was and how it
+    ended. Removed by retention once the key's lifetime (``KEY_LIFETIME``) has passed.
+    """
+
+    #: The pruned effect's id (the key is unique too, by a constraint: no extra LIKE index).
+    effect_id = models.UUIDField(primary_key=True)
+    idem_key = models.CharField(_("idempotency key"), max_length=64)
+    workflow_id = models.CharField(max_length=MAX_NAME_LENGTH)
+    tool = models.CharField(max_length=MAX_NAME_LENGTH)
+    #: The effect's final status when it was pruned.
+    status = models.CharField(max_length=32, choices=EffectStatus.choices)
+    #: When the key was first used (the effect's ``created_at``): key lifetimes count from it.
+    created_at = models.DateTimeField()
+    completed_at = models.DateTimeField(null=True, blank=True)
+    pruned_at = models.DateTimeField(db_default=Now())
+
+    objects = EffectTombstoneQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = _("pruned key")
+        verbose_name_plural = _("pruned keys")
+        indexes = [models.Index(fields=["created_at"], name="agent_ledger_tomb_created")]
+        constraints = [
+            models.UniqueConstraint(fields=["idem_key"], name="agent_ledger_tomb_idem_key_uniq")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.tool} [{self.status}, pruned] {self.workflow_id}"

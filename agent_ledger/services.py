@@ -14,16 +14,16 @@ from typing import Any
 from django.core.signals import setting_changed
 from django.dispatch import receiver
 
-from . import policies
+from . import keys, policies
 from .approvals import DecisionRecord, decide
 from .conf import ledger_settings
 from .errors import EffectLedgerValidationError
 from .ledger import EffectLedger, EffectLedgerOptions, decision_request
 from .stores.base import TransitionRecord
 from .stores.django import DjangoStore
-from .types import Actor
+from .types import Actor, CommitOutcome, CommitSucceeded
 
-__all__ = ["approve", "cancel", "deny", "get_ledger"]
+__all__ = ["approve", "cancel", "deny", "get_ledger", "resolve", "retry"]
 
 _ledger: EffectLedger | None = None
 _ledger_lock = threading.Lock()
@@ -88,3 +88,43 @@ def _decide(name: str, idem_key: str, actor: Actor, reason: str | None) -> Trans
     _no_nul(reason)
     request = decision_request(name, idem_key, actor=actor, reason=reason)
     return DjangoStore().transition_sync(idem_key, **request)
+
+
+def retry(idem_key: str, *, actor: Actor, reason: str) -> TransitionRecord:
+    """An operator reopens a failed effect (``failed -> ready``; see ``agent_ledger.operator``);
+    ``changed`` is False when it was not failed. Permission: ``agent_ledger.retry_effect``."""
+    from .operator import require_reason
+    from .stores.django_operator import reopen_sync
+
+    return reopen_sync(
+        DjangoStore().using, _key(idem_key), actor=actor, reason=require_reason(reason)
+    )
+
+
+def resolve(
+    idem_key: str, outcome: CommitOutcome, *, actor: Actor, reason: str
+) -> TransitionRecord:
+    """An operator records what really happened to a processing effect whose owner is gone;
+    ``changed`` is False when it was not processing. The result is redacted by
+    ``AGENT_LEDGER["REDACT"]``. Permission: ``agent_ledger.resolve_effect``."""
+    from .operator import require_outcome, require_reason
+    from .stores.django_operator import resolve_sync
+
+    idem_key = _key(idem_key)
+    reason = require_reason(reason)
+    outcome = require_outcome(outcome)
+    if isinstance(outcome, CommitSucceeded):
+        keys.check_json(outcome.result, "result", hashed=False)
+    store = DjangoStore()
+    redactor = store.redactor
+    if redactor:
+        effect = store.get_by_idem_key_sync(idem_key)
+        if effect is not None:
+            outcome = redactor.outcome(effect, outcome)
+    return resolve_sync(store.using, idem_key, outcome, actor=actor, reason=reason)
+
+
+def _key(idem_key: object) -> str:
+    if not isinstance(idem_key, str) or not idem_key.strip():
+        raise EffectLedgerValidationError("must be a non-empty string", field="idem_key")
+    return idem_key

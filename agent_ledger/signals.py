@@ -23,6 +23,7 @@ __all__ = [
     "effect_canceled",
     "effect_denied",
     "effect_failed",
+    "effect_reopened",
     "effect_succeeded",
     "resume_done",
     "resume_failed",
@@ -53,3 +54,6 @@ resume_failed = Signal()
 #: A pending approval expires soon (``notify_before`` of its tool's policy, or
 #: ``EXPIRING_NOTICE_BEFORE``): sent once per effect by ``agent_ledger.expiry``, for escalation.
 approval_expiring = Signal()
+
+#: ``failed -> ready`` by an operator (``agent_ledger.retry_effect``): the next run runs again.
+effect_reopened = Signal()

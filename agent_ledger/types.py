@@ -11,8 +11,9 @@ import enum
 import functools
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 from .errors import EffectLedgerValidationError
@@ -413,3 +414,44 @@ class BeginResult:
 
 
 Handler = Callable[[Effect], Any]
+
+
+_DURATION = re.compile(r"(\d+)\s*(s|m|h|d|w)")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(value: object, field: str = "duration") -> timedelta:
+    """``"90d"``, ``"12h"``, ``"30m"``, ``"45s"``, ``"2w"`` (or a ``timedelta``) as a positive
+    ``timedelta``; anything else is an ``EffectLedgerValidationError`` naming ``field``."""
+    if isinstance(value, timedelta):
+        duration = value
+    elif isinstance(value, str):
+        match = _DURATION.fullmatch(value.strip())
+        if match is None:
+            raise EffectLedgerValidationError(
+                f"{value!r} is not a duration; write a number and a unit: 45s, 30m, 12h, 90d, 2w",
+                field=field,
+            )
+        number = int(match.group(1))
+        if number > 100_000:
+            raise EffectLedgerValidationError(f"{value!r} is too long", field=field)
+        duration = timedelta(**{_UNITS[match.group(2)]: number})
+    else:
+        raise EffectLedgerValidationError(
+            f"must be a duration such as '90d' or a timedelta, got {type(value).__name__}",
+            field=field,
+        )
+    if duration <= timedelta(0):
+        raise EffectLedgerValidationError(f"must be positive, got {value!r}", field=field)
+    return duration
+
+
+@dataclasses.dataclass
+class PruneReport:
+    """What a retention run did (or, with ``dry_run``, would do)."""
+
+    effects: int = 0
+    transitions: int = 0
+    tombstones_expired: int = 0
+    batches: int = 0
+    dry_run: bool = False

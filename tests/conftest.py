@@ -35,6 +35,7 @@ DATABASE_INDEPENDENT = frozenset(
         "test_multiprocess",
         "test_notifier",
         "test_postgres_store",
+        "test_redaction",
         "test_resume_postgres",
         "test_schema_parity",
         "test_spec_examples",

@@ -42,7 +42,12 @@ from tests.workers.django_ledger import call_for
 pytestmark = pytest.mark.postgres
 
 ROOT = Path(__file__).resolve().parent.parent
-TABLES = ("agent_ledger_effect", "agent_ledger_effecttransition", "agent_ledger_resumption")
+TABLES = (
+    "agent_ledger_effect",
+    "agent_ledger_effecttransition",
+    "agent_ledger_resumption",
+    "agent_ledger_effecttombstone",
+)
 
 # Every query takes the schema and looks only at the ledger's relations (the migrated schema
 # also holds auth, contenttypes and django_migrations).

@@ -3,6 +3,8 @@
 - ``effects/``: list (filters, ordering, cursor pages); ``effects/<id>/``: one with its history
 - ``effects/<id>/approve/``, ``effects/<id>/deny/``: POST ``{"reason": ...}``
 - ``webhook/``: signed decisions from external approvers
+- ``effects/<id>/retry/``, ``effects/<id>/resolve/``: operator actions (``api.operator``)
+- ``export/``: the audit trail as JSON Lines or CSV (``api.export``)
 - ``schema/``: the OpenAPI schema, when drf-spectacular is installed
 """
 
@@ -13,6 +15,8 @@ from typing import Any
 from django.urls import URLPattern, URLResolver, path
 from rest_framework.routers import SimpleRouter
 
+from .export import ExportView
+from .operator import ResolveView, RetryView
 from .schema import HAVE_SPECTACULAR
 from .views import EffectViewSet, WebhookView
 
@@ -24,6 +28,9 @@ router.register("effects", EffectViewSet, basename="effect")
 urlpatterns: list[URLPattern | URLResolver] = [
     *router.urls,
     path("webhook/", WebhookView.as_view(), name="webhook"),
+    path("effects/<uuid:pk>/retry/", RetryView.as_view(), name="effect-retry"),
+    path("effects/<uuid:pk>/resolve/", ResolveView.as_view(), name="effect-resolve"),
+    path("export/", ExportView.as_view(), name="export"),
 ]
 
 if HAVE_SPECTACULAR:

@@ -50,6 +50,7 @@ from ..types import (
     EffectStatus,
     Transition,
 )
+from ._django_data import DjangoDataMixin, refuse_tombstoned
 from ._process import close_connections, in_thread, listen, notifier
 from .base import (
     CHANNEL,
@@ -78,7 +79,7 @@ _SIGNALS: dict[EffectStatus, Signal] = {
 }
 
 
-class DjangoStore:
+class DjangoStore(DjangoDataMixin):
     """Effects and their history in ``agent_ledger``'s tables on the ``using`` database."""
 
     def __init__(self, using: str | None = None) -> None:
@@ -156,8 +157,7 @@ class DjangoStore:
             params = pg.begin_params(new, pg.actor_params(new.actor, user_id))
             with _store_errors("begin"):
                 row = _fetch(using, pg.BEGIN, params, attempts=pg.BEGIN_ATTEMPTS)
-            if row is None:
-                raise pg.vanished(new.idem_key)
+            row = pg.begun(new.idem_key, row)  # raises for a vanished or a pruned key
             record = BeginRecord(effect_from_columns(row, json_as_text=True), row["created"])
             if record.created:
                 _announce(using, record.effect, None, new.actor)
@@ -182,6 +182,7 @@ class DjangoStore:
                         continuation=new.continuation,
                         expires_at=expiry.expires_at_for(new),
                     )
+                    refuse_tombstoned(using, new.idem_key)
             except IntegrityError as exc:
                 replayed = (
                     EffectRow.objects.using(using)

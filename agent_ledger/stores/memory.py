@@ -10,9 +10,10 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Collection
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
-from ..errors import EffectNotFoundError
+from ..errors import EffectNotFoundError, EffectPurgedError
+from ..operator import reopen_reason
 from ..types import (
     TERMINAL_STATUSES,
     Actor,
@@ -21,7 +22,9 @@ from ..types import (
     Effect,
     EffectError,
     EffectStatus,
+    PruneReport,
     Transition,
+    parse_duration,
 )
 from .base import BeginRecord, ChangeNotifier, NewEffect, TransitionRecord, claimable
 
@@ -36,6 +39,8 @@ class MemoryStore:
         self._by_id: dict[str, Effect] = {}
         self._id_by_key: dict[str, str] = {}
         self._history: dict[str, list[Transition]] = {}
+        #: Pruned keys: key -> (the effect's status, its created_at); see ``prune``.
+        self._tombstones: dict[str, tuple[EffectStatus, datetime]] = {}
         self._notifier = ChangeNotifier()
 
     # -- writes; each holds the lock for its whole read-check-write ---------------------------
@@ -48,6 +53,8 @@ class MemoryStore:
                 effect = dataclasses.replace(effect, dedup_count=effect.dedup_count + 1)
                 self._by_id[effect.id] = effect
                 return BeginRecord(effect, created=False)
+            if new.idem_key in self._tombstones:
+                raise EffectPurgedError(new.idem_key, self._tombstones[new.idem_key][0].value)
             effect = new.created(_now())
             self._by_id[effect.id] = effect
             self._id_by_key[effect.idem_key] = effect.id
@@ -171,6 +178,88 @@ class MemoryStore:
         self, effect_id: str, timeout_s: float, since: float
     ) -> Effect | None:
         return await self._notifier.wait(effect_id, timeout_s, since)
+
+    # -- operator actions (``agent_ledger.operator``) -------------------------------------------
+
+    async def reopen(self, idem_key: str, *, actor: Actor, reason: str) -> TransitionRecord:
+        """``failed -> ready``, the error cleared into the history row's reason."""
+        with self._lock:
+            effect = self._by_key(idem_key)
+            if effect.status is not EffectStatus.FAILED:
+                return TransitionRecord(effect, changed=False)
+            updated = dataclasses.replace(
+                effect,
+                status=EffectStatus.READY,
+                error=None,
+                result=None,
+                completed_at=None,
+                updated_at=_now(),
+            )
+            self._by_id[effect.id] = updated
+            self._record(updated, effect.status, actor, reopen_reason(reason, effect.error))
+        self._notifier.notify(effect.id, updated)
+        return TransitionRecord(updated, changed=True)
+
+    async def resolve(
+        self, idem_key: str, outcome: CommitOutcome, *, actor: Actor, reason: str
+    ) -> TransitionRecord:
+        """``processing -> succeeded|failed`` with the operator's outcome; the fence rises."""
+        with self._lock:
+            effect = self._by_key(idem_key)
+            if effect.status is not EffectStatus.PROCESSING:
+                return TransitionRecord(effect, changed=False)
+            now = _now()
+            if isinstance(outcome, CommitSucceeded):
+                status, result, error = EffectStatus.SUCCEEDED, outcome.result, None
+            else:
+                status, result, error = EffectStatus.FAILED, None, outcome.error
+            updated = dataclasses.replace(
+                effect,
+                status=status,
+                result=result,
+                error=error,
+                fence=effect.fence + 1,
+                updated_at=now,
+                completed_at=now,
+            )
+            self._by_id[effect.id] = updated
+            self._record(updated, effect.status, actor, reason)
+        self._notifier.notify(effect.id, updated)
+        return TransitionRecord(updated, changed=True)
+
+    def _by_key(self, idem_key: str) -> Effect:
+        effect_id = self._id_by_key.get(idem_key)
+        if effect_id is None:
+            raise EffectNotFoundError(idem_key)
+        return self._by_id[effect_id]
+
+    # -- retention (the Django tables have ``agent_ledger.retention``) --------------------------
+
+    async def prune(
+        self, older_than: timedelta | str, *, key_lifetime: timedelta | str | None = None
+    ) -> PruneReport:
+        """Drop effects finished before ``older_than`` ago and their history, keeping their
+        keys closed (``begin`` raises ``EffectPurgedError``) until ``key_lifetime`` after the
+        effect's creation (None: forever)."""
+        older_than = parse_duration(older_than, "older_than")
+        if key_lifetime is not None:
+            key_lifetime = parse_duration(key_lifetime, "key_lifetime")
+        report = PruneReport()
+        with self._lock:
+            now = _now()
+            for effect in list(self._by_id.values()):
+                done = effect.completed_at
+                if effect.status in TERMINAL_STATUSES and done and done < now - older_than:
+                    del self._by_id[effect.id], self._id_by_key[effect.idem_key]
+                    report.transitions += len(self._history.pop(effect.id, ()))
+                    report.effects += 1
+                    self._tombstones[effect.idem_key] = (effect.status, effect.created_at)
+            if key_lifetime is not None:
+                for key, (_, created_at) in list(self._tombstones.items()):
+                    if created_at < now - key_lifetime:
+                        del self._tombstones[key]
+                        report.tombstones_expired += 1
+        return report
 
     # -- helpers (call with the lock held) ------------------------------------------------------
 

@@ -33,11 +33,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import psycopg
 from psycopg.rows import dict_row
 
-from ..errors import (
-    EffectLedgerError,
-    EffectNotFoundError,
-    EffectStoreError,
-)
+from ..errors import EffectLedgerError, EffectNotFoundError, EffectStoreError
 from ..types import (
     TERMINAL_STATUSES,
     Actor,
@@ -50,6 +46,8 @@ from ..types import (
 )
 from ._decide import TRANSITION
 from ._listen import Listener
+from ._postgres_operator import OperatorMixin
+from ._tombstones import NOT_TOMBSTONED, purged, purged_branch
 from .base import (
     CHANNEL,
     BeginRecord,
@@ -115,10 +113,11 @@ WITH ins AS (
         (id, idem_key, workflow_id, call_id, tool, status, args_canonical,
          resource_id_canonical, dedup_count, fence, created_at, updated_at, attempts,
          continuation)
-    VALUES (%(id)s, %(idem_key)s, %(workflow_id)s, %(call_id)s, %(tool)s, %(status)s,
-            %(args_canonical)s, %(resource_id_canonical)s, 0, 1,
-            statement_timestamp(), statement_timestamp(),
-            CASE WHEN %(status)s::varchar = 'processing' THEN 1 ELSE 0 END, %(continuation)s::jsonb)
+    SELECT %(id)s, %(idem_key)s::varchar, %(workflow_id)s, %(call_id)s, %(tool)s, %(status)s,
+           %(args_canonical)s, %(resource_id_canonical)s, 0, 1,
+           statement_timestamp(), statement_timestamp(),
+           CASE WHEN %(status)s::varchar = 'processing' THEN 1 ELSE 0 END, %(continuation)s::jsonb
+    {NOT_TOMBSTONED}
     ON CONFLICT (idem_key) DO NOTHING
     RETURNING {COLUMNS}
 ), hist AS (
@@ -131,7 +130,7 @@ WITH ins AS (
 SELECT true AS created, {COLUMNS}, {_NOTIFY_CREATED} AS side FROM ins
 UNION ALL
 SELECT false, {COLUMNS}, set_config('synchronous_commit', 'off', true) FROM replay
-"""
+{purged_branch(COLUMNS)}"""
 
 #: ``BEGIN`` is run again while both branches come back empty (each run has a newer snapshot).
 BEGIN_ATTEMPTS = 10
@@ -235,6 +234,16 @@ def actor_params(actor: Actor, user_id: Any) -> dict[str, Any]:
     return {"actor_label": actor.label, "actor_user_id": user_id, "actor_name": actor.name or ""}
 
 
+def begun(idem_key: str, row: dict[str, Any] | None) -> dict[str, Any]:
+    """``BEGIN``'s row, or the error for its two other answers: nothing (``vanished``) and a
+    pruned key (``EffectPurgedError``, see ``_tombstones``)."""
+    if row is None:
+        raise vanished(idem_key)
+    if row["created"] is None:
+        raise purged(idem_key, row)
+    return row
+
+
 def vanished(idem_key: str) -> EffectStoreError:
     """For a ``BEGIN`` that answered nothing ``BEGIN_ATTEMPTS`` times (see ``BEGIN``)."""
     return EffectStoreError(
@@ -251,7 +260,7 @@ _DRIVER_ERRORS = (psycopg.Error, OSError)
 _DATA_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
 
 
-class PostgresStore:
+class PostgresStore(OperatorMixin):
     """Effects and their history in ``agent_ledger``'s tables, through a psycopg 3 async pool.
 
     The pool is the caller's to open and close; the tables are found on its connections'
@@ -275,9 +284,7 @@ class PostgresStore:
     async def begin(self, new: NewEffect) -> BeginRecord:
         params = begin_params(new, _actor_params(new.actor))
         rows = await self._fetch("begin", BEGIN, params, attempts=BEGIN_ATTEMPTS)
-        if not rows:
-            raise vanished(new.idem_key)
-        row = rows[0]
+        row = begun(new.idem_key, rows[0] if rows else None)
         effect = effect_from_columns(row)
         if row["created"]:
             self._notifier.notify(effect.id, effect)

@@ -1,4 +1,4 @@
--- The tables of agent_ledger/migrations (manage.py sqlmigrate agent_ledger 0001..0004), with the
+-- The tables of agent_ledger/migrations (manage.py sqlmigrate agent_ledger 0001..0005), with the
 -- same names for every constraint and index, so running this on a migrated database changes
 -- nothing. Idempotent; the advisory lock stops two workers starting at once from racing on the
 -- catalog (concurrent CREATE TABLE IF NOT EXISTS can fail with a duplicate-key error).
@@ -86,6 +86,19 @@ CREATE TABLE IF NOT EXISTS agent_ledger_resumption (
     CONSTRAINT agent_ledger_resumption_attempts_gte_0 CHECK (attempts >= 0)
 );
 
+-- Migration 0005: the keys of pruned effects (retention), so a purged key never runs again.
+CREATE TABLE IF NOT EXISTS agent_ledger_effecttombstone (
+    effect_id uuid NOT NULL PRIMARY KEY,
+    idem_key varchar(64) NOT NULL,
+    workflow_id varchar(255) NOT NULL,
+    tool varchar(255) NOT NULL,
+    status varchar(32) NOT NULL,
+    created_at timestamp with time zone NOT NULL,
+    completed_at timestamp with time zone NULL,
+    pruned_at timestamp with time zone DEFAULT statement_timestamp() NOT NULL,
+    CONSTRAINT agent_ledger_tomb_idem_key_uniq UNIQUE (idem_key)
+);
+
 CREATE INDEX IF NOT EXISTS agent_ledger_created
     ON agent_ledger_effect (created_at DESC);
 CREATE INDEX IF NOT EXISTS agent_ledger_workflow
@@ -111,3 +124,8 @@ CREATE INDEX IF NOT EXISTS agent_ledger_resumption_effect
 CREATE INDEX IF NOT EXISTS agent_ledger_resume_due
     ON agent_ledger_resumption (status, run_after)
     WHERE status IN ('pending', 'running');
+CREATE INDEX IF NOT EXISTS agent_ledger_completed
+    ON agent_ledger_effect (completed_at)
+    WHERE status IN ('canceled', 'denied', 'failed', 'succeeded');
+CREATE INDEX IF NOT EXISTS agent_ledger_tomb_created
+    ON agent_ledger_effecttombstone (created_at);

@@ -39,6 +39,7 @@ async def make(request: pytest.FixtureRequest) -> AsyncIterator[PostgresStore]:
         await conn.execute("DELETE FROM agent_ledger_resumption")
         await conn.execute("DELETE FROM agent_ledger_effecttransition")
         await conn.execute("DELETE FROM agent_ledger_effect")
+        await conn.execute("DELETE FROM agent_ledger_effecttombstone")
     async with schema_pool(schema) as pool:
         yield PostgresStore(pool=pool)
 
