@@ -57,6 +57,11 @@ DATABASES = {
 }
 if _conn == "pool":
     DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": _pool, "max_size": _pool, "timeout": 30}
+if os.environ.get("AGENT_LEDGER_BENCH_SERVER_BINDING") == "1":
+    # Django's own knobs: bind parameters on the server, and let psycopg prepare statements a
+    # connection runs often (Django leaves prepare_threshold None, so nothing is prepared).
+    DATABASES["default"]["OPTIONS"]["server_side_binding"] = True
+    DATABASES["default"]["OPTIONS"]["prepare_threshold"] = 2
 
 INSTALLED_APPS = [
     "django.contrib.admin",
