@@ -22,7 +22,7 @@ from .types import Codec, Effect, ResourceDescriptor, RunOptions, ToolCall, exce
 if TYPE_CHECKING:
     from .ledger import EffectLedger
 
-__all__ = ["ledgered", "workflow"]
+__all__ = ["ledgered", "resolve_ledger", "workflow"]
 
 _workflow: ContextVar[str | None] = ContextVar("agent_ledger_workflow", default=None)
 
@@ -104,7 +104,9 @@ def ledgered(
             @functools.wraps(function)
             async def run_async(*args: Any, **kwargs: Any) -> Any:
                 call = tool_call(*args, **kwargs)
-                return await _ledger(ledger).run(call, _async_handler(body, args, kwargs), options)
+                return await resolve_ledger(ledger).run(
+                    call, _async_handler(body, args, kwargs), options
+                )
 
             wrapper: Any = run_async
         else:
@@ -112,7 +114,7 @@ def ledgered(
             @functools.wraps(function)
             def run_sync(*args: Any, **kwargs: Any) -> Any:
                 call = tool_call(*args, **kwargs)
-                return _ledger(ledger).run_sync(
+                return resolve_ledger(ledger).run_sync(
                     call, functools.partial(body, args, kwargs), options
                 )
 
@@ -163,7 +165,9 @@ def _args_of(bound: Mapping[str, Any], signature: inspect.Signature) -> dict[str
     return args
 
 
-def _ledger(given: EffectLedger | Callable[[], EffectLedger] | None) -> EffectLedger:
+def resolve_ledger(given: EffectLedger | Callable[[], EffectLedger] | None) -> EffectLedger:
+    """The ledger an integration was given (a ledger, or a function returning one), else the
+    Django project's (``agent_ledger.services.get_ledger``), looked up at call time."""
     from .ledger import EffectLedger
 
     if isinstance(given, EffectLedger):

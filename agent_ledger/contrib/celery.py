@@ -26,6 +26,7 @@ from celery import Task, current_app, shared_task
 from celery.exceptions import Ignore, Reject, Retry
 
 from .. import resume
+from ..decorators import resolve_ledger
 from ..errors import EffectLedgerValidationError
 from ..ledger import EffectLedger
 from ..types import ConcurrencyOptions, EffectStatus, RunOptions, StaleOptions, ToolCall
@@ -114,11 +115,7 @@ class LedgeredTask(Task):
         factory = inspect.getattr_static(self, "ledger", None)
         if isinstance(factory, staticmethod):
             factory = factory.__func__
-        if factory is not None:
-            return factory()  # type: ignore[no-any-return]
-        from ..services import get_ledger
-
-        return get_ledger()
+        return resolve_ledger(factory)
 
 
 def ledgered_task(

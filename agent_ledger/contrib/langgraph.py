@@ -44,6 +44,7 @@ from langgraph.prebuilt.tool_node import ToolCallRequest
 from langgraph.types import Command, Interrupt, StateSnapshot, interrupt
 
 from .. import keys
+from ..decorators import resolve_ledger
 from ..errors import EffectDeniedError, EffectLedgerValidationError, EffectTimeoutError
 from ..ledger import EffectLedger
 from ..types import (
@@ -270,14 +271,7 @@ class LedgerToolCalls:
     # -- internals -----------------------------------------------------------------------------
 
     def _get_ledger(self) -> EffectLedger:
-        given = self._ledger
-        if isinstance(given, EffectLedger):
-            return given
-        if given is not None:
-            return given()
-        from ..services import get_ledger
-
-        return get_ledger()
+        return resolve_ledger(self._ledger)
 
     def _run_options(self, call: ToolCall) -> RunOptions:
         # Approval was settled above (propose); the run itself must not park a new effect.

@@ -37,6 +37,7 @@ from mcp.server.request_state import authenticated_principal
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 
 from .. import keys
+from ..decorators import resolve_ledger
 from ..errors import (
     ApprovalPendingError,
     EffectDeniedError,
@@ -115,14 +116,7 @@ class _Gate:
         )
 
     def ledger(self) -> EffectLedger:
-        given = self.ledger_given
-        if isinstance(given, EffectLedger):
-            return given
-        if given is not None:
-            return given()
-        from ..services import get_ledger
-
-        return get_ledger()
+        return resolve_ledger(self.ledger_given)
 
     def needs_approval(self, name: str, annotations: ToolAnnotations | None) -> bool:
         rule = self.rule

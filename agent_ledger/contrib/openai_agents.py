@@ -26,6 +26,7 @@ from agents import FunctionTool, RunContextWrapper
 from agents.run_state import RunState
 from agents.tool_context import ToolContext
 
+from ..decorators import resolve_ledger
 from ..errors import ApprovalPendingError, EffectDeniedError, EffectLedgerValidationError
 from ..ledger import EffectLedger
 from ..types import ConcurrencyOptions, EffectStatus, RunOptions, ToolCall
@@ -82,11 +83,7 @@ def ledgered_tool(
     )
 
     def the_ledger() -> EffectLedger:
-        if ledger is not None:
-            return ledger()
-        from ..services import get_ledger
-
-        return get_ledger()
+        return resolve_ledger(ledger)
 
     def tool_call(context: Any, params: Any, call_id: str) -> ToolCall:
         workflow = workflow_id(context) if callable(workflow_id) else workflow_id

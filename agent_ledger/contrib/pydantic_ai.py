@@ -37,6 +37,7 @@ from pydantic_ai.messages import ToolCallPart
 from pydantic_ai.tools import ToolDefinition
 from pydantic_core import to_jsonable_python
 
+from ..decorators import resolve_ledger
 from ..errors import EffectDeniedError, EffectLedgerValidationError
 from ..ledger import EffectLedger
 from ..types import ConcurrencyOptions, Effect, EffectStatus, RunOptions, ToolCall
@@ -157,11 +158,7 @@ class LedgerCapability(AbstractCapability[Any]):
         )
 
     def _ledger(self) -> EffectLedger:
-        if self.ledger is not None:
-            return self.ledger()
-        from ..services import get_ledger
-
-        return get_ledger()
+        return resolve_ledger(self.ledger)
 
 
 def resume_results(requests: DeferredToolRequests) -> DeferredToolResults:

@@ -27,6 +27,7 @@ from typing import Any
 from django.utils.module_loading import import_string
 
 from .. import resume
+from ..decorators import resolve_ledger
 from ..errors import ApprovalPendingError, EffectLedgerValidationError
 from ..ledger import EffectLedger
 from ..types import (
@@ -101,7 +102,7 @@ def ledgered_task(
         def body(*args: Any, **kwargs: Any) -> Any:
             own = args[1:] if takes_context else args  # without the TaskContext
             call = _tool_call(signature, own, kwargs, workflow_id, tool or made.module_path)
-            the_ledger = ledger() if ledger is not None else _default_ledger()
+            the_ledger = resolve_ledger(ledger)
             if requires_approval:
                 continuation = {"resumer": RESUMER, "task": made.module_path,
                                 "args": list(own), "kwargs": kwargs}  # fmt: skip
@@ -131,12 +132,6 @@ def _tool_call(
     bound.apply_defaults()
     workflow = workflow_id(*args, **kwargs) if callable(workflow_id) else workflow_id
     return ToolCall(workflow_id=workflow, tool=tool, args=dict(bound.arguments))
-
-
-def _default_ledger() -> EffectLedger:
-    from ..services import get_ledger
-
-    return get_ledger()
 
 
 @resume.register(RESUMER)
