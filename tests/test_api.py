@@ -323,6 +323,8 @@ def test_retrieve_with_history(viewer: APIClient) -> None:
     effect.transitions.create(
         from_status="requires_approval",
         to_status="denied",
+        # Explicitly later: SQLite's Now() has millisecond text, the first row's microseconds.
+        at=effect.created_at + timedelta(seconds=1),
         actor_label="admin",
         actor_name="bob",
         reason="no",
