@@ -173,3 +173,34 @@ def test_concurrent_approvers_of_a_quorum() -> None:
     ]
     assert len({r.actor_user_id for r in history[1:]}) == 3
     assert Effect.objects.get(pk=effect.pk).status == EffectStatus.READY
+
+
+@pytest.mark.parametrize("how", ["sweep", "read time"])
+def test_an_expiry_resumes_the_continuation_with_the_expired_outcome(how: str) -> None:
+    """Fails closed and tells the agent: the continuation's resumer runs once, with a deny
+    whose error code is ``expired``, through the resume machinery (inline backend here)."""
+    from agent_ledger import resume
+
+    heard: list[tuple[str, str, str | None]] = []
+
+    def agent(effect: Any, decision: str) -> None:
+        heard.append((effect.id, decision, effect.error.code if effect.error else None))
+
+    resume.register("tests.expiry-agent", agent)
+    try:
+        with settings_with({"stripe.*": {"requires_approval": True, "expires_after": 3600}}):
+            ledger = services.get_ledger()
+            effect = ledger.propose_sync(
+                call(), continuation={"resumer": "tests.expiry-agent", "order": 7}
+            )
+            expire_now(Effect.objects.get(pk=effect.id))
+            if how == "sweep":
+                call_command("agent_ledger_expire", stdout=__import__("io").StringIO())
+            else:
+                with pytest.raises(DecisionRefusedError):
+                    services.approve(
+                        effect.idem_key, actor=Actor("admin", approver("ann").pk, "ann")
+                    )
+    finally:
+        resume.unregister("tests.expiry-agent")
+    assert heard == [(effect.id, "deny", "expired")]
