@@ -20,6 +20,22 @@ if ! command -v chromium >/dev/null 2>&1; then
   fi
 fi
 
+# The Celery adapter's tests run real workers on Redis (127.0.0.1:6379): start it if it is down.
+if ! (command -v redis-cli >/dev/null 2>&1 && redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1); then
+  if ! command -v redis-server >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+      echo "== installing Debian's redis-server for the Celery tests"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    else
+      echo "Redis is needed for the Celery tests: apt-get install redis-server" >&2
+      exit 1
+    fi
+  fi
+  echo "== starting Redis"
+  redis-server --bind 127.0.0.1 --port 6379 --save '' --appendonly no --daemonize yes
+  for _ in $(seq 50); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
+fi
+
 if ! "$VENV/bin/python" - "$PG_URL" <<'PY'
 import sys, psycopg
 try:
