@@ -193,8 +193,21 @@ class TransitionInline(admin.TabularInline):  # type: ignore[type-arg]
         return obj.actor_display
 
 
+class TimestampColumns:
+    """The ``created`` and ``updated`` columns, with seconds and time zone, of any row that
+    has ``created_at`` and ``updated_at`` (effects, resumptions)."""
+
+    @admin.display(description=_("created"), ordering="created_at")
+    def created(self, obj: Effect | Resumption) -> str:
+        return format_when(obj.created_at)
+
+    @admin.display(description=_("updated"))
+    def updated(self, obj: Effect | Resumption) -> str:
+        return format_when(obj.updated_at)
+
+
 @admin.register(Effect)
-class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-arg]
+class EffectAdmin(OperatorAdminMixin, TimestampColumns, admin.ModelAdmin):  # type: ignore[type-arg]
     list_display = (
         "created",
         "workflow_id",
@@ -325,14 +338,6 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
         return ("created_at",) if self._is_queue(request) else ("-created_at",)
 
     # -- columns -----------------------------------------------------------------------------
-
-    @admin.display(description=_("created"), ordering="created_at")
-    def created(self, obj: Effect) -> str:
-        return format_when(obj.created_at)
-
-    @admin.display(description=_("updated"))
-    def updated(self, obj: Effect) -> str:
-        return format_when(obj.updated_at)
 
     @admin.display(description=_("completed"))
     def completed(self, obj: Effect) -> str:
@@ -692,7 +697,7 @@ class EffectAdmin(OperatorAdminMixin, admin.ModelAdmin):  # type: ignore[type-ar
 
 
 @admin.register(Resumption)
-class ResumptionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ResumptionAdmin(TimestampColumns, admin.ModelAdmin):  # type: ignore[type-arg]
     """Every decision's resumption, newest first: read-only, with "Retry" for the stuck ones."""
 
     list_display = (
@@ -739,14 +744,6 @@ class ResumptionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
     def has_retry_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         """The decision's permission: retrying a resume pushes a decision through again."""
         return request.user.has_perm(f"{Effect._meta.app_label}.approve_effect")
-
-    @admin.display(description=_("created"), ordering="created_at")
-    def created(self, obj: Resumption) -> str:
-        return format_when(obj.created_at)
-
-    @admin.display(description=_("updated"))
-    def updated(self, obj: Resumption) -> str:
-        return format_when(obj.updated_at)
 
     @admin.display(description=_("effect"))
     def effect_link(self, obj: Resumption) -> str:
