@@ -48,15 +48,7 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="agent_ledger.E003",
             )
         )
-    size = value.get("MAX_ARGS_SIZE_BYTES", DEFAULTS["MAX_ARGS_SIZE_BYTES"])
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        errors.append(
-            Error(
-                "AGENT_LEDGER['MAX_ARGS_SIZE_BYTES'] must be a positive int.",
-                hint=f"Got {size!r}; the default is {DEFAULTS['MAX_ARGS_SIZE_BYTES']}.",
-                id="agent_ledger.E004",
-            )
-        )
+    errors.extend(_positive_int(value, "MAX_ARGS_SIZE_BYTES", "E004"))
     secrets = value.get("WEBHOOK_SECRETS", DEFAULTS["WEBHOOK_SECRETS"])
     if not isinstance(secrets, dict) or not all(
         # The name becomes the actor label "webhook:<name>", a 100-character column.
@@ -83,16 +75,11 @@ def check_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
                 id="agent_ledger.E006",
             )
         )
-    threads = value.get("ASYNC_THREADS", DEFAULTS["ASYNC_THREADS"])
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        errors.append(
-            Error(
-                "AGENT_LEDGER['ASYNC_THREADS'] must be a positive int.",
-                hint=f"Got {threads!r}; the default is {DEFAULTS['ASYNC_THREADS']}. It also caps "
-                "the connections async ledger calls open.",
-                id="agent_ledger.E007",
-            )
+    errors.extend(
+        _positive_int(
+            value, "ASYNC_THREADS", "E007", " It also caps the connections async ledger calls open."
         )
+    )
     if not settings.USE_TZ:
         errors.append(
             Error(
@@ -129,15 +116,7 @@ def _check_resume(value: Mapping[str, Any]) -> list[CheckMessage]:
                 id="agent_ledger.E021",
             )
         )
-    attempts = value.get("RESUME_MAX_ATTEMPTS", DEFAULTS["RESUME_MAX_ATTEMPTS"])
-    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-        errors.append(
-            Error(
-                "AGENT_LEDGER['RESUME_MAX_ATTEMPTS'] must be a positive int.",
-                hint=f"Got {attempts!r}; the default is {DEFAULTS['RESUME_MAX_ATTEMPTS']}.",
-                id="agent_ledger.E022",
-            )
-        )
+    errors.extend(_positive_int(value, "RESUME_MAX_ATTEMPTS", "E022"))
     delay = value.get("RESUME_RETRY_DELAY_SECONDS", DEFAULTS["RESUME_RETRY_DELAY_SECONDS"])
     cap = value.get("RESUME_RETRY_MAX_DELAY_SECONDS", DEFAULTS["RESUME_RETRY_MAX_DELAY_SECONDS"])
     if not (_seconds(delay, zero=True) and _seconds(cap, zero=True) and delay <= cap):
@@ -180,6 +159,21 @@ def _seconds(value: Any, *, zero: bool) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
     return value >= 0 if zero else value > 0
+
+
+def _positive_int(
+    value: Mapping[str, Any], key: str, code: str, more: str = ""
+) -> list[CheckMessage]:
+    got = value.get(key, DEFAULTS[key])
+    if isinstance(got, bool) or not isinstance(got, int) or got < 1:
+        return [
+            Error(
+                f"AGENT_LEDGER[{key!r}] must be a positive int.",
+                hint=f"Got {got!r}; the default is {DEFAULTS[key]}.{more}",
+                id=f"agent_ledger.{code}",
+            )
+        ]
+    return []
 
 
 def _check_sqlite(alias: str, config: Mapping[str, Any]) -> list[CheckMessage]:
